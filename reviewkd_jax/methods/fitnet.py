@@ -1,0 +1,54 @@
+"""FitNet's regressor: the student's hint feature mapped to the teacher's shape."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from reviewkd_jax.models import layers
+
+# torch.nn.ConvTranspose2d stores (in, out, k, k) and takes fan_in from dim 1 (= out * k * k),
+# which is Flax's 'fan_out' for a (k, k, in, out) kernel.
+_torch_conv_transpose_kernel_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_out', 'uniform')
+
+
+class FitNetRegressor(nn.Module):
+  """RepDistiller's `ConvReg`: conv (with bias) + BN + ReLU to the teacher's shape.
+
+  Input: the student's hint feature (N, Hs, Ws, Cs) (`feat[hint_layer]`, `hint_layer=2`).
+  Output: (N, Ht, Wt, teacher_channels). Hs == 2 Ht: 3x3 conv stride 2; 2 Hs == Ht: 4x4
+  transposed conv stride 2; Hs >= Ht: a valid conv of kernel 1 + Hs - Ht. PyTorch's default
+  initialisers throughout.
+  """
+  teacher_channels: int
+  teacher_size: int
+  use_relu: bool = True
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Returns the regressed feature, shaped like the teacher's hint feature."""
+    (hs, ws, cs), ht = x.shape[1:], self.teacher_size
+    if hs == 2 * ht:
+      y = layers.conv(self.teacher_channels, 3, stride=2, padding=1, use_bias=True,
+                      in_features=cs, kernel_init=layers.torch_default_kernel_init,
+                      dtype=self.dtype, name='conv')(x)
+    elif 2 * hs == ht:
+      # PyTorch's padding p of a transposed conv is k - 1 - p of lax's.
+      y = nn.ConvTranspose(self.teacher_channels, (4, 4), strides=(2, 2),
+                           padding=((2, 2), (2, 2)),
+                           kernel_init=_torch_conv_transpose_kernel_init,
+                           bias_init=layers.torch_default_bias_init(self.teacher_channels * 16),
+                           dtype=self.dtype, name='conv')(x)
+    elif hs >= ht:
+      k = (1 + hs - ht, 1 + ws - ht)
+      y = nn.Conv(self.teacher_channels, k, padding='VALID',
+                  kernel_init=layers.torch_default_kernel_init,
+                  bias_init=layers.torch_default_bias_init(cs * k[0] * k[1]),
+                  dtype=self.dtype, name='conv')(x)
+    else:
+      raise ValueError(f'FitNetRegressor: student size {hs} cannot be regressed to teacher '
+                       f'size {ht}')
+    y = layers.batch_norm(train, name='bn', dtype=self.dtype)(y)
+    return nn.relu(y) if self.use_relu else y

@@ -1,0 +1,24 @@
+"""Backbones with intermediate features.
+
+Every model is a linen module called as `model.apply(variables, x, train=...)` on NHWC input
+and returns `(logits, features)` where `features` is a dict:
+
+- `stem`: the output of the stem (first conv block), after activation.
+- `stages`: list of per-stage outputs after activation, shallow to deep.
+- `preact`: the same stages before the stage's last activation (family rules in REVIEWKD.md).
+- `pooled`: (N, C) globally pooled embedding that feeds the classifier.
+"""
+from reviewkd_jax.models.registry import create_model, list_models, register_model
+
+# Importing the family modules registers their models.
+from reviewkd_jax.models import cifar_resnet  # noqa: F401,E402
+from reviewkd_jax.models import wrn  # noqa: F401,E402
+from reviewkd_jax.models import vgg  # noqa: F401,E402
+from reviewkd_jax.models import cifar_resnet_v2  # noqa: F401,E402
+from reviewkd_jax.models import mobilenetv2  # noqa: F401,E402
+from reviewkd_jax.models import shufflenetv1  # noqa: F401,E402
+from reviewkd_jax.models import shufflenetv2  # noqa: F401,E402
+from reviewkd_jax.models import imagenet_resnet  # noqa: F401,E402
+from reviewkd_jax.models import mobilenetv1  # noqa: F401,E402
+
+__all__ = ['create_model', 'list_models', 'register_model']

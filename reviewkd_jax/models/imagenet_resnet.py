@@ -1,0 +1,99 @@
+"""ImageNet ResNets (18/34/50/101) in torchvision's layout, so its pretrained weights load as is.
+
+Same as `torchvision.models.resnet`: a 7x7/2 conv stem with a 3x3/2 max pool, four stages of
+BasicBlocks or Bottlenecks with the stride on the 3x3 conv (ResNet v1.5), a 1x1 conv + BN
+`downsample` shortcut where the shape changes, global average pooling and `fc`. Module names
+follow the converter's rule (`layer1.0.downsample.0` -> `layer1_0/downsample_0`).
+
+Features (REVIEWKD.md, ImageNet): `preact` is each stage's last residual sum before its ReLU,
+which is what the authors' ImageNet ResNet returns (their `is_last` blocks skip that ReLU).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from reviewkd_jax.models import layers
+from reviewkd_jax.models.registry import register_model
+
+# (kernel, stride-carrying?, width multiplier of `planes`) per conv of each block's branch.
+# The stride sits on the 3x3 conv in both: torchvision's v1.5 Bottleneck.
+_BASIC = ((3, True, 1), (3, False, 1))
+_BOTTLENECK = ((1, False, 1), (3, True, 1), (1, False, 4))
+
+
+class ResidualBlock(nn.Module):
+  """torchvision's BasicBlock or Bottleneck (chosen by `branch`); returns the pre-ReLU sum."""
+  planes: int
+  branch: Sequence[tuple[int, bool, int]]
+  stride: int = 1
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out = x
+    for i, (kernel, strided, mult) in enumerate(self.branch, start=1):
+      if i > 1:
+        out = nn.relu(out)
+      out = layers.conv(self.planes * mult, kernel, stride=self.stride if strided else 1,
+                        name=f'conv{i}', dtype=self.dtype)(out)
+      out = layers.batch_norm(train, name=f'bn{i}', dtype=self.dtype)(out)
+    identity = x
+    if self.stride != 1 or x.shape[-1] != out.shape[-1]:
+      identity = layers.conv(out.shape[-1], 1, stride=self.stride, name='downsample_0',
+                             dtype=self.dtype)(x)
+      identity = layers.batch_norm(train, name='downsample_1', dtype=self.dtype)(identity)
+    return out + identity
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision's ResNet; returns `(logits, features)`."""
+  stage_sizes: Sequence[int]
+  branch: Sequence[tuple[int, bool, int]]
+  num_classes: int = 1000
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    x = layers.conv(64, 7, stride=2, padding=3, name='conv1', dtype=self.dtype)(x)
+    x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
+    x = layers.max_pool(x, 3, 2, padding=1)
+    stem = x
+    stages, preact = [], []
+    for s, num_blocks in enumerate(self.stage_sizes):
+      for b in range(num_blocks):
+        pre = ResidualBlock(64 * 2**s, self.branch, stride=2 if s > 0 and b == 0 else 1,
+                            dtype=self.dtype, name=f'layer{s + 1}_{b}')(x, train)
+        x = nn.relu(pre)
+      preact.append(pre)
+      stages.append(x)
+    pooled = layers.global_avg_pool(x)
+    logits = layers.linear(self.num_classes, x.shape[-1], name='fc', dtype=self.dtype)(pooled)
+    return logits, layers.make_features(stem, stages, preact, pooled)
+
+
+@register_model('resnet18')
+def resnet18(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
+  """Returns torchvision's ResNet-18 (BasicBlocks 2-2-2-2)."""
+  return ImageNetResNet((2, 2, 2, 2), _BASIC, num_classes=num_classes, dtype=dtype, **kw)
+
+
+@register_model('resnet34')
+def resnet34(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
+  """Returns torchvision's ResNet-34 (BasicBlocks 3-4-6-3)."""
+  return ImageNetResNet((3, 4, 6, 3), _BASIC, num_classes=num_classes, dtype=dtype, **kw)
+
+
+@register_model('resnet50')
+def resnet50(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
+  """Returns torchvision's ResNet-50 (Bottlenecks 3-4-6-3)."""
+  return ImageNetResNet((3, 4, 6, 3), _BOTTLENECK, num_classes=num_classes, dtype=dtype, **kw)
+
+
+@register_model('resnet101')
+def resnet101(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
+  """Returns torchvision's ResNet-101 (Bottlenecks 3-4-23-3)."""
+  return ImageNetResNet((3, 4, 23, 3), _BOTTLENECK, num_classes=num_classes, dtype=dtype, **kw)
