@@ -32,9 +32,23 @@ def torch_reference(name):
   return getattr(torchvision().models, name)(), ref.resnet_forward
 
 
-# ResNet-101's deep stages reach magnitudes ~170 under random weights and BN statistics, where
-# float32 rounding alone (PyTorch's own, against float64) is ~1e-4: both sides run in float64.
-FLOAT64_PARITY = {'resnet101'}
+# Under `randomize`, every residual branch has gain ~1, so ResNet-101's deep stages grow to ~170
+# where float32 rounding alone (PyTorch's own, against float64) is ~1e-4. For it, branches are
+# damped like a trained ResNet's (last BN of each block x0.25): stages stay below ~10.
+DAMPED_PARITY = {'resnet101'}
+BRANCH_GAIN = 0.25
+
+
+def randomize_damped(module, seed=0):
+  """Returns `randomize(module, seed)` with each residual block's last BN scaled by BRANCH_GAIN."""
+  randomize(module, seed)
+  with torch.no_grad():
+    for layer in (module.layer1, module.layer2, module.layer3, module.layer4):
+      for block in layer:
+        last_bn = block.bn3 if hasattr(block, 'bn3') else block.bn2
+        last_bn.weight.mul_(BRANCH_GAIN)
+        last_bn.bias.mul_(BRANCH_GAIN)
+  return module
 
 
 @pytest.mark.parametrize('name', COVERED_MODELS)
@@ -43,12 +57,8 @@ def test_parity_with_torch(name):
   # The authors' MobileNet ends in AvgPool2d(7), so it only runs at 224 px; one image is cheap.
   shape = (1, 224, 224, 3) if name == 'mobilenet_v1' else (1 if name == 'resnet101' else 2,
                                                            64, 64, 3)
-  if name in FLOAT64_PARITY:
-    with jax.enable_x64(True):
-      worst = run_parity(create_model(name, num_classes=1000, dtype=jnp.float64), tmodel,
-                         lambda m, x: forward(m.double(), x.double()), input_shape=shape)
-  else:
-    worst = run_parity(create_model(name, num_classes=1000), tmodel, forward, input_shape=shape)
+  worst = run_parity(create_model(name, num_classes=1000), tmodel, forward, input_shape=shape,
+                     randomize_fn=randomize_damped if name in DAMPED_PARITY else None)
   print(f'{name}: worst abs diff {worst:.2e}')
 
 
@@ -87,7 +97,7 @@ def test_compute_dtype_keeps_float32_params(name):
 
 
 def test_train_mode_matches_torch_and_updates_batch_stats():
-  """Train mode normalises with batch statistics and moves running means like PyTorch."""
+  """Train mode normalises with batch statistics and moves running stats like PyTorch."""
   tmodel = randomize(torchvision().models.resnet18(), seed=1)
   model = create_model('resnet18', num_classes=1000)
   x = np.random.default_rng(1).standard_normal((4, 64, 64, 3)).astype(np.float32)
@@ -98,29 +108,31 @@ def test_train_mode_matches_torch_and_updates_batch_stats():
   with torch.no_grad():
     t_logits = tmodel.train()(torch.from_numpy(x.transpose(0, 3, 1, 2)))
   np.testing.assert_allclose(logits, t_logits.numpy(), atol=1e-4)
-  new_means = convert.flax_to_torch(updates)
-  old_means = convert.flax_to_torch(variables)
+  new_stats = convert.flax_to_torch(updates)
+  old_stats = convert.flax_to_torch(variables)
   state = tmodel.state_dict()
-  mean_keys = [k for k in new_means if k.endswith('running_mean')]
-  assert len(mean_keys) == 20  # every BatchNorm of ResNet-18 reported its statistics
-  for key in mean_keys:
-    assert np.abs(new_means[key] - old_means[key]).max() > 1e-3, key
-    np.testing.assert_allclose(new_means[key], state[key].numpy(), atol=1e-5, err_msg=key)
-  for key in (k for k in new_means if k.endswith('running_var')):
-    assert np.abs(new_means[key] - old_means[key]).max() > 1e-3, key
+  assert len(new_stats) == 2 * 20  # mean and var of every BatchNorm of ResNet-18
+  for key, value in new_stats.items():
+    assert np.abs(value - old_stats[key]).max() > 1e-3, f'{key} did not move'
+    np.testing.assert_allclose(value, state[key].numpy(), rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_init_matches_torch_schemes():
   """torchvision: kaiming_normal fan_out convs; the authors' MobileNet: PyTorch defaults."""
-  x = jnp.zeros((1, 32, 32, 3))
-  params = create_model('resnet18', num_classes=1000).init(jax.random.key(0), x)['params']
+  def init_params(name):
+    model = create_model(name, num_classes=1000)
+    # Drawing ~10M numbers dominates; the 'rbg' generator does it ~2x faster than threefry.
+    key = jax.random.key(0, impl='rbg')
+    return jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 3)))['params']
+
+  params = init_params('resnet18')
   kernel = np.asarray(params['layer4_1']['conv2']['kernel'])  # fan_out = 9 * 512
   assert abs(kernel.std() / np.sqrt(2 / (9 * 512)) - 1) < 0.02
   assert np.all(np.asarray(params['layer4_1']['bn2']['scale']) == 1)
   assert np.all(np.asarray(params['layer4_1']['bn2']['bias']) == 0)
   assert np.abs(np.asarray(params['fc']['kernel'])).max() <= 1 / np.sqrt(512)
 
-  params = create_model('mobilenet_v1', num_classes=1000).init(jax.random.key(0), x)['params']
+  params = init_params('mobilenet_v1')
   for module, fan_in in (('model_13_0', 9), ('model_13_3', 1024)):  # depthwise, pointwise
     kernel = np.asarray(params[module]['kernel'])
     bound = 1 / np.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))

@@ -76,14 +76,17 @@ def compare_features(flax_out, torch_logits, torch_features: dict, atol: float =
   return worst
 
 
-def run_parity(flax_model, torch_model, torch_forward, *, input_shape, seed=0, atol=1e-4):
+def run_parity(flax_model, torch_model, torch_forward, *, input_shape, seed=0, atol=1e-4,
+               randomize_fn=None):
   """Converts a randomised PyTorch model into `flax_model` and compares outputs in eval mode.
 
   `torch_forward(torch_model, x_nchw)` returns `(logits, features_dict)` in the Flax features
-  layout (NCHW tensors). `input_shape` is NHWC. Returns the worst abs difference.
+  layout (NCHW tensors). `input_shape` is NHWC. `randomize_fn(model, seed)` replaces
+  `randomize` (e.g. damped residual branches for very deep nets). Returns the worst abs
+  difference.
   """
   from reviewkd_jax import convert  # pylint: disable=g-import-not-at-top
-  randomize(torch_model, seed).eval()
+  (randomize_fn or randomize)(torch_model, seed).eval()
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(input_shape).astype(np.float32)
   template = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), jnp.asarray(x),

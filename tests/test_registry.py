@@ -1,0 +1,37 @@
+"""Registry behaviour, and a guard that every registered model has a parity test."""
+import importlib
+
+import pytest
+
+from reviewkd_jax import models
+
+PARITY_TEST_MODULES = ['tests.test_models_cifar_a', 'tests.test_models_cifar_b',
+                       'tests.test_models_imagenet']
+
+
+def test_unknown_model_lists_known_names():
+  with pytest.raises(ValueError) as e:
+    models.create_model('resnet9000')
+  assert 'resnet20' in str(e.value) and 'resnet18' in str(e.value)
+
+
+def test_case_hint_for_near_miss():
+  with pytest.raises(ValueError, match="Did you mean 'MobileNetV2'"):
+    models.create_model('mobilenetv2')
+
+
+def test_every_registered_model_has_a_parity_test():
+  covered = set()
+  for name in PARITY_TEST_MODULES:
+    covered |= set(importlib.import_module(name).COVERED_MODELS)
+  missing = set(models.list_models()) - covered
+  assert not missing, f'registered models without a PyTorch parity test: {sorted(missing)}'
+
+
+def test_paper_model_names_are_registered():
+  names = set(models.list_models())
+  paper = {'resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
+           'resnet8x4', 'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2', 'vgg8',
+           'vgg11', 'vgg13', 'vgg16', 'vgg19', 'MobileNetV2', 'ShuffleV1', 'ShuffleV2',
+           'ResNet50', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'mobilenet_v1'}
+  assert paper <= names, sorted(paper - names)
