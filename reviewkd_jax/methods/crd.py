@@ -119,9 +119,10 @@ class ContrastMemory(nn.Module):
     bank_v2 = jax.lax.stop_gradient(mem_v2.value)
 
     def scores(bank, v):
-      w = jnp.take(bank, contrast_idx, axis=0)  # (B, K+1, D)
-      return jnp.exp(jnp.einsum('bkd,bd->bk', w, v, precision=jax.lax.Precision.HIGHEST)
-                     / self.temperature)
+      # Row b of `v` against every bank row, then picked at contrast_idx[b]: the same dot
+      # products as gathering (B, K+1, D) rows, without materialising them.
+      dots = jnp.matmul(v, bank.T, precision=jax.lax.Precision.HIGHEST)  # (B, num_data)
+      return jnp.exp(jnp.take_along_axis(dots, contrast_idx, axis=1) / self.temperature)
 
     out_v2 = scores(bank_v1, v2)
     out_v1 = scores(bank_v2, v1)
