@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import torch_utils  # skips this module when PyTorch is missing
 from torch_ref_cifar_b import REFERENCES, shuffle as torch_shuffle
@@ -34,11 +35,13 @@ def _init_shapes(model, dtype=jnp.float32):
 
 
 @functools.cache
-def _trained_step(name: str):
+def _train_step(name: str):
   """Returns (initial variables, train-mode (logits, features), updated batch_stats)."""
   model = create_model(name)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 32, 32, 3)), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  # XLA's RNG: compiling ~160 threefry initialisers takes twice as long on CPU.
+  key = jax.random.key(0, impl='unsafe_rbg')
+  variables = jax.jit(functools.partial(model.init, train=False))(key, x)
   out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
       variables, x)
   return variables, out, updates['batch_stats']
@@ -89,14 +92,18 @@ def test_channel_shuffle_matches_nchw_definition(groups):
   want = torch_shuffle(torch_utils.torch.from_numpy(x.transpose(0, 3, 1, 2)), groups)
   got = channel_shuffle(jnp.asarray(x), groups)
   np.testing.assert_array_equal(np.asarray(got), torch_utils.nchw_to_nhwc(want))
-  # A real permutation: no channel stays put except the first and the last.
-  assert not np.array_equal(np.asarray(got)[..., 1:-1], x[..., 1:-1])
+  assert not np.array_equal(np.asarray(got), x)  # a real permutation, not the identity
+
+
+def _kurtosis(a: np.ndarray) -> float:
+  a = a.astype(np.float64) - a.mean()
+  return float(np.mean(a**4) / np.mean(a**2)**2)
 
 
 @pytest.mark.parametrize('name', COVERED_MODELS)
 def test_init_matches_reference(name):
   """Each parameter's init distribution (constant, or scale and shape) matches the reference's."""
-  variables, _, _ = _trained_step(name)
+  variables, _, _ = _train_step(name)
   ours = convert.flax_to_torch({'params': variables['params']})
   torch_utils.torch.manual_seed(0)
   theirs = dict(REFERENCES[name](num_classes=100).named_parameters())
@@ -107,19 +114,23 @@ def test_init_matches_reference(name):
       np.testing.assert_array_equal(f, t, err_msg=key)
     elif t.size >= 2000:  # enough samples to compare spread and tails
       assert f.std() == pytest.approx(t.std(), rel=0.15), key
-      # max/std tells uniform (1.73) from normal (about 3.5 at this size).
-      assert np.abs(f).max() / f.std() == pytest.approx(np.abs(t).max() / t.std(), rel=0.3), key
+      # Kurtosis tells uniform (1.8) from normal (3.0); its sampling error here is < 0.11.
+      assert _kurtosis(f) == pytest.approx(_kurtosis(t), abs=0.5), key
 
 
 @pytest.mark.parametrize('name', COVERED_MODELS)
 def test_train_mode_updates_batch_stats(name):
-  variables, (logits, _), new_stats = _trained_step(name)
-  old = jax.tree_util.tree_leaves_with_path(variables['batch_stats'])
-  new = jax.tree_util.tree_leaves(new_stats)
-  assert len(old) == len(new)
-  for (path, a), b in zip(old, new):
-    assert np.all(np.isfinite(b)), path
-    assert not np.allclose(a, b), f'{jax.tree_util.keystr(path)} was not updated'
+  variables, (logits, _), new_stats = _train_step(name)
+  old = traverse_util.flatten_dict(variables['batch_stats'])
+  new = traverse_util.flatten_dict(new_stats)
+  assert old.keys() == new.keys()
+  for path in old:
+    assert np.all(np.isfinite(new[path])), path
+  # A BatchNorm fed by another (through a linear conv) sees an exactly zero batch mean, so
+  # a layer counts as updated when its mean or its variance moved.
+  for mod in {path[:-1] for path in old}:
+    moved = [not np.allclose(old[(*mod, s)], new[(*mod, s)]) for s in ('mean', 'var')]
+    assert any(moved), f'{"/".join(mod)} was not updated'
   assert np.all(np.isfinite(logits))
 
 
@@ -142,7 +153,6 @@ def _check_mobilenetv2(feats):
   # Blocks end in a linear projection: no activation, so preact is the stage itself.
   for stage, pre in zip(feats['stages'], feats['preact']):
     np.testing.assert_array_equal(stage, pre)
-    assert stage.min() < 0
 
 
 CONVENTION_CHECKS = {'ShuffleV1': _check_shufflev1, 'ShuffleV2': _check_shufflev2,
@@ -151,7 +161,7 @@ CONVENTION_CHECKS = {'ShuffleV1': _check_shufflev1, 'ShuffleV2': _check_shufflev
 
 @pytest.mark.parametrize('name', COVERED_MODELS)
 def test_feature_conventions(name):
-  _, (_, feats), _ = _trained_step(name)
+  _, (_, feats), _ = _train_step(name)
   assert feats['stem'].min() >= 0  # the stem is returned after its ReLU
   for pre in feats['preact']:
     assert pre.min() < 0  # the pre-activation is really taken before a ReLU
