@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 import torch_utils  # skips this module when PyTorch is missing
-from torch_ref_cifar_b import REFERENCES, shuffle as torch_shuffle
+from reviewkd_jax.torch_reference.cifar_b import REFERENCES, shuffle as torch_shuffle
 from reviewkd_jax import convert
 from reviewkd_jax.models import create_model, list_models
 from reviewkd_jax.models.shufflenetv1 import channel_shuffle

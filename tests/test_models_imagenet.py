@@ -6,7 +6,7 @@ import pytest
 
 from reviewkd_jax import convert
 from reviewkd_jax.models import create_model
-from tests import torch_ref_imagenet as ref
+from reviewkd_jax.torch_reference import imagenet as ref
 from tests.torch_utils import param_count, randomize, run_parity, torch, torchvision
 
 COVERED_MODELS = ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'mobilenet_v1']

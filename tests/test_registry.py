@@ -35,3 +35,20 @@ def test_paper_model_names_are_registered():
            'vgg11', 'vgg13', 'vgg16', 'vgg19', 'MobileNetV2', 'ShuffleV1', 'ShuffleV2',
            'ResNet50', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'mobilenet_v1'}
   assert paper <= names, sorted(paper - names)
+
+
+def test_every_registered_model_has_a_pytorch_reference_with_equal_parameter_count():
+  torch_reference = pytest.importorskip('reviewkd_jax.torch_reference')
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  for name in models.list_models():
+    t_model, _ = torch_reference.build(name, num_classes=10)
+    flax_model = models.create_model(name, num_classes=10)
+    size = 64 if name in ('resnet18', 'resnet34', 'resnet50', 'resnet101') else 32
+    if name == 'mobilenet_v1':
+      size = 224
+    shapes = jax.eval_shape(lambda: flax_model.init(jax.random.key(0),
+                                                    jnp.zeros((1, size, size, 3)), train=False))
+    n_flax = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes['params']))
+    assert n_flax == sum(p.numel() for p in t_model.parameters()), name

@@ -12,53 +12,7 @@ torch = pytest.importorskip('torch')
 tnn = torch.nn
 F = torch.nn.functional
 from tests import torch_utils  # noqa: E402
-
-
-# ---- The authors' ABF and ReviewKD wrapper (written from their published code) ----
-class TorchABF(tnn.Module):
-
-  def __init__(self, in_channel, mid_channel, out_channel, fuse):
-    super().__init__()
-    self.conv1 = tnn.Sequential(tnn.Conv2d(in_channel, mid_channel, 1, bias=False),
-                                tnn.BatchNorm2d(mid_channel))
-    self.conv2 = tnn.Sequential(tnn.Conv2d(mid_channel, out_channel, 3, 1, 1, bias=False),
-                                tnn.BatchNorm2d(out_channel))
-    self.att_conv = tnn.Sequential(tnn.Conv2d(mid_channel * 2, 2, 1), tnn.Sigmoid()) if fuse \
-        else None
-
-  def forward(self, x, y=None, shape=None, out_shape=None):
-    n, _, h, w = x.shape
-    x = self.conv1(x)
-    if self.att_conv is not None:
-      y = F.interpolate(y, (shape, shape), mode='nearest')
-      z = self.att_conv(torch.cat([x, y], dim=1))
-      x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
-    if x.shape[-1] != out_shape:
-      x = F.interpolate(x, (out_shape, out_shape), mode='nearest')
-    return self.conv2(x), x
-
-
-class TorchReviewKD(tnn.Module):
-
-  def __init__(self, student, in_channels, out_channels, shapes, out_shapes, mid_channel):
-    super().__init__()
-    self.student, self.shapes, self.out_shapes = student, shapes, out_shapes
-    abfs = tnn.ModuleList()
-    for idx, c in enumerate(in_channels):
-      abfs.append(TorchABF(c, mid_channel, out_channels[idx], idx < len(in_channels) - 1))
-    self.abfs = abfs[::-1]
-
-  def forward(self, x):
-    feats, logit = self.student(x)
-    x = feats[::-1]
-    results = []
-    out, res = self.abfs[0](x[0], out_shape=self.out_shapes[0])
-    results.append(out)
-    for f, abf, shape, out_shape in zip(x[1:], self.abfs[1:], self.shapes[1:],
-                                        self.out_shapes[1:]):
-      out, res = abf(f, res, shape, out_shape)
-      results.insert(0, out)
-    return results, logit
+from reviewkd_jax.torch_reference import reviewkd as torch_ref  # noqa: E402
 
 
 # ---- A tiny two-stage backbone, in both frameworks with the same layer names ----
@@ -107,7 +61,7 @@ TEACHER_SIZES = (16, 4, 1)  # teacher maps larger/smaller than the student's 8 a
 
 
 def _pair(seed=0):
-  t_model = TorchReviewKD(TorchTiny(), in_channels=[6, 10, 10], out_channels=TEACHER_CHANNELS,
+  t_model = torch_ref.ReviewKD(TorchTiny(), in_channels=[6, 10, 10], out_channels=TEACHER_CHANNELS,
                           shapes=[1, 4, 8], out_shapes=[1, 4, 16], mid_channel=10)
   torch_utils.randomize(t_model, seed)
   f_model = reviewkd.ReviewKDStudent(FlaxTiny(), teacher_channels=TEACHER_CHANNELS,

@@ -3,7 +3,6 @@ and one comparison routine that every model family's parity test uses."""
 from __future__ import annotations
 
 import copy
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
-
-
-@functools.cache
-def torchvision():
-  """Returns the torchvision module, importable on CPU torch (its CUDA-only ops declared)."""
-  try:
-    lib = torch.library.Library('torchvision', 'DEF')
-    lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-    lib.define('qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor')
-    torchvision._lib = lib  # keep the library object alive
-  except RuntimeError:
-    pass  # already declared in this process
-  import torchvision as tv  # pylint: disable=g-import-not-at-top
-  return tv
+from reviewkd_jax.torch_reference import torchvision  # noqa: E402,F401  (re-export)
 
 
 def randomize(module, seed: int = 0, calibrate=None):

@@ -3,7 +3,7 @@ ResNets, and the authors' MobileNet (ReviewKD `ImageNet/models/mobilenet.py`) re
 their layer names. Features come back in our layout (`reviewkd_jax.models`), NCHW."""
 from __future__ import annotations
 
-from tests.torch_utils import torch
+import torch
 
 nn = torch.nn
 
@@ -43,7 +43,7 @@ class AuthorsMobileNet(nn.Module):
         (512, 1024, 2), (1024, 1024, 1))
   FEATURE_BLOCKS = (3, 5, 11, 13)  # the `get_bn_before_relu` / `extract_feature` taps
 
-  def __init__(self):
+  def __init__(self, num_classes: int = 1000):
     super().__init__()
     stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32),
                          nn.ReLU(inplace=True))
@@ -53,7 +53,7 @@ class AuthorsMobileNet(nn.Module):
                       nn.BatchNorm2d(o), nn.ReLU(inplace=True)) for i, o, s in self.DW
     ]
     self.model = nn.Sequential(stem, *blocks, nn.AvgPool2d(7))
-    self.fc = nn.Linear(1024, 1000)
+    self.fc = nn.Linear(1024, num_classes)
 
   def forward(self, x):
     return self.fc(self.model(x).view(-1, 1024))
