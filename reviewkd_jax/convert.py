@@ -124,7 +124,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any], *,
   flat_template = traverse_util.flatten_dict(dict(template))
   out: dict[tuple[str, ...], Any] = {}
   unexpected, misshaped = [], []
-  source_of: dict[tuple[str, ...], str] = {}
+  misshaped_paths = set()
   pre = tuple(p for p in prefix.split('/') if p)
   for key, value in sd.items():
     new_key = rename(key) if rename else key
@@ -143,10 +143,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], template: Mapping[str, Any], *,
     if tuple(array.shape) != want:
       misshaped.append(f'{key}: file has {tuple(value.shape)}, model wants '
                        f'{want} as {"/".join(path)}')
+      misshaped_paths.add(path)
       continue
     out[path] = array.astype(flat_template[path].dtype)
-    source_of[path] = key
-  missing = [('/'.join(p)) for p in flat_template if p not in out]
+  missing = ['/'.join(p) for p in flat_template if p not in out and p not in misshaped_paths]
   if not strict:
     for p in flat_template:
       if p not in out:
