@@ -17,36 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from reviewkd_jax.models import layers
+from reviewkd_jax.models.cifar_resnet import BASIC, BOTTLENECK, ResidualBlock
 from reviewkd_jax.models.registry import register_model
 
-# (kernel, stride-carrying?, width multiplier of `planes`) per conv of each block's branch.
-# The stride sits on the 3x3 conv in both: torchvision's v1.5 Bottleneck.
-_BASIC = ((3, True, 1), (3, False, 1))
-_BOTTLENECK = ((1, False, 1), (3, True, 1), (1, False, 4))
-
-
-class ResidualBlock(nn.Module):
-  """torchvision's BasicBlock or Bottleneck (chosen by `branch`); returns the pre-ReLU sum."""
-  planes: int
-  branch: Sequence[tuple[int, bool, int]]
-  stride: int = 1
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = x
-    for i, (kernel, strided, mult) in enumerate(self.branch, start=1):
-      if i > 1:
-        out = nn.relu(out)
-      out = layers.conv(self.planes * mult, kernel, stride=self.stride if strided else 1,
-                        name=f'conv{i}', dtype=self.dtype)(out)
-      out = layers.batch_norm(train, name=f'bn{i}', dtype=self.dtype)(out)
-    identity = x
-    if self.stride != 1 or x.shape[-1] != out.shape[-1]:
-      identity = layers.conv(out.shape[-1], 1, stride=self.stride, name='downsample_0',
-                             dtype=self.dtype)(x)
-      identity = layers.batch_norm(train, name='downsample_1', dtype=self.dtype)(identity)
-    return out + identity
+# torchvision's BasicBlock and v1.5 Bottleneck (stride on the 3x3 conv) are the same blocks as
+# CRD's CIFAR ones, with the same `downsample` shortcut: one implementation serves both.
+_BASIC, _BOTTLENECK = BASIC, BOTTLENECK
 
 
 class ImageNetResNet(nn.Module):
