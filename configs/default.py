@@ -1,0 +1,60 @@
+"""Defaults shared by every experiment; each config file overrides a few fields.
+
+Every field can be overridden on the command line: `--config.num_epochs=10`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default config: CIFAR-100, a network trained alone, the authors' recipe."""
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = 'cifar100'          # 'cifar100' | 'imagenet2012' | 'digits'
+  config.data_dir = ''                 # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.batch_size = 128              # global: over all devices and hosts
+  config.eval_batch_size = 512         # global; the last eval batch is padded and masked
+  config.train_subset = 0              # > 0: train on the first N training examples only
+  config.shuffle_buffer = 16384        # streamed datasets (ImageNet) only
+  config.prefetch_batches = 2          # batches on the device ahead of the step
+
+  # Networks and method.
+  config.model = 'resnet20'            # the network trained: the student, or the network alone
+  config.method = 'none'               # 'none' (config.model alone) | 'reviewkd'
+  config.teacher = ''                  # the frozen teacher's model name
+  config.teacher_checkpoint = ''       # .pt/.pth state_dict, or a workdir of a run of this code
+  config.teacher_bn_mode = 'eval'      # 'eval' (running stats) | 'batch_stats' (authors' CIFAR)
+  config.eval_teacher = True           # report the teacher's eval accuracy at start
+
+  # ReviewKD: loss = ce_weight * CE + lambda * min(1, epoch / warmup) * HCL (+ kd_weight * KD).
+  config.reviewkd_weight = 1.0         # lambda
+  config.reviewkd_warmup_epochs = 20   # 0 = no warm-up
+  config.student_features = 'stages'   # 'stages' (post-activation) | 'preact'
+  config.teacher_features = 'preact'
+  config.mid_channels = 0              # ABF width; 0 = min(512, deepest student channels)
+  config.kd_weight = 0.0               # optional logit KD term (the authors' --use-kl)
+  config.kd_temperature = 4.0
+  config.ce_weight = 1.0
+
+  # Optimisation: SGD, weight decay added to the gradient of every trainable parameter.
+  config.num_epochs = 240
+  config.learning_rate = 0.1           # for a global batch of base_batch_size
+  config.base_batch_size = 128         # lr scales linearly with batch_size / base_batch_size
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 5e-4
+  # 0-based epochs from which the lr is multiplied by lr_decay_factor. The authors' CIFAR
+  # script decays after finishing epochs 150, 180, 210: epoch 151 is the first at 0.01.
+  config.lr_decay_epochs = (151, 181, 211)
+  config.lr_decay_factor = 0.1
+  config.dtype = 'float32'             # 'bfloat16': bf16 compute, f32 params, f32 losses
+
+  # Loop, logs and checkpoints.
+  config.seed = 0                      # initialisation, data order and augmentation
+  config.log_every_steps = 100
+  config.eval_every_epochs = 1
+  config.checkpoint_every_epochs = 1
+  config.checkpoint_every_steps = 0    # extra saves within epochs; 0 = none
+  config.keep_checkpoints = 3
+  config.stop_after_step = 0           # stop (with a checkpoint) at this step; 0 = run to the end
+  return config

@@ -1,0 +1,78 @@
+"""Trains a network alone or distils a student with ReviewKD.
+
+  python main.py --config=configs/cifar100_r56_r20.py --workdir=/tmp/r56_r20
+  python main.py --config=configs/demo_digits.py --workdir=/tmp/reviewkd_demo
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+import logging as std_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
+
+from reviewkd_jax.data import DatasetNotFoundError
+from reviewkd_jax.train import train_and_evaluate
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the exported models.')
+flags.DEFINE_enum('multiprocess', 'auto', ['auto', 'yes', 'no'],
+                  'Call jax.distributed.initialize(): "auto" when a cluster launcher (SLURM, '
+                  'Open MPI, a TPU pod, JAX_COORDINATOR_ADDRESS) started several processes.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for processes started by hand on several hosts '
+                    '(with --num_processes and --process_id).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (hand-started runs).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index (hand-started runs).')
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+_MULTIPROCESS_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
+                     'TPU_WORKER_HOSTNAMES', 'MEGASCALE_NUM_SLICES')
+
+
+def _launched_as_several_processes() -> bool:
+  """Returns True when the environment says this is one of several processes."""
+  for name in _MULTIPROCESS_ENV:
+    value = os.environ.get(name, '')
+    if name == 'JAX_COORDINATOR_ADDRESS' and value:
+      return True
+    if name == 'TPU_WORKER_HOSTNAMES' and ',' in value:
+      return True
+    if value.isdigit() and int(value) > 1:
+      return True
+  return False
+
+
+class _QuietCheckpointer(std_logging.Filter):
+  """Drops orbax's per-save INFO chatter from the console; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  logging.get_absl_handler().addFilter(_QuietCheckpointer())
+  # tf.data only: keep TensorFlow off the accelerators JAX uses.
+  tf.config.experimental.set_visible_devices([], 'GPU')
+  if FLAGS.multiprocess == 'yes' or (FLAGS.multiprocess == 'auto' and (
+      FLAGS.coordinator_address or _launched_as_several_processes())):
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  logging.info('JAX process %d/%d, %d local / %d global devices (%s).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except DatasetNotFoundError as e:
+    raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
+
+
+if __name__ == '__main__':
+  app.run(main)

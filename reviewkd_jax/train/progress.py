@@ -1,0 +1,97 @@
+"""Training metrics: accumulated on the device, fetched only at logging points."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; training stops before anything is checkpointed."""
+
+
+def format_duration(seconds: float) -> str:
+  """Returns `seconds` as '1d02h', '3h05m', '4m07s' or '12s'."""
+  if not math.isfinite(seconds):
+    return '?'
+  s = int(seconds)
+  d, s = divmod(s, 86400)
+  h, s = divmod(s, 3600)
+  m, s = divmod(s, 60)
+  if d:
+    return f'{d}d{h:02d}h'
+  if h:
+    return f'{h}h{m:02d}m'
+  if m:
+    return f'{m}m{s:02d}s'
+  return f'{s}s'
+
+
+class MetricLogger:
+  """Averages per-step metrics over each logging interval and writes them with clu.
+
+  `add` keeps the device arrays (no host sync); `flush` fetches them, checks that every loss
+  is finite, writes the means plus steps/s, images/s and the ETA, and logs a progress line.
+  Time spent inside `paused()` (evaluation, checkpoints) is left out of the speed.
+  """
+
+  def __init__(self, writer: metric_writers.MetricWriter, *, total_steps: int,
+               steps_per_epoch: int, global_batch: int, nonfinite_hint=lambda: ''):
+    self._writer = writer
+    self._total, self._per_epoch, self._batch = total_steps, steps_per_epoch, global_batch
+    self._hint = nonfinite_hint
+    self._pending: list[dict] = []
+    self._t0 = time.monotonic()
+    self.history: list[dict] = []
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Leaves the time spent in this block out of the speed measurement."""
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._t0 += time.monotonic() - start
+
+  def add(self, metrics: dict) -> None:
+    """Records one step's metrics (device arrays)."""
+    self._pending.append(metrics)
+
+  def flush(self, step: int) -> dict | None:
+    """Writes the means since the last flush; raises NonFiniteLossError on NaN/inf losses."""
+    if not self._pending:
+      return None
+    fetched = jax.device_get(self._pending)
+    n = len(fetched)
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    bad = {k: v for k, v in means.items() if k.startswith('loss') and not math.isfinite(v)}
+    if bad:
+      first = next(i for i, m in enumerate(fetched)
+                   if not all(math.isfinite(float(m[k])) for k in bad))
+      at = step - n + first + 1
+      raise NonFiniteLossError(
+          f'Non-finite loss at step {at} (epoch {(at - 1) // self._per_epoch}): '
+          f'{", ".join(f"{k}={v}" for k, v in bad.items())}. Training stopped before saving '
+          f'anything at this point. {self._hint()}')
+    elapsed = max(time.monotonic() - self._t0, 1e-9)
+    steps_per_sec = n / elapsed
+    eta = (self._total - step) / steps_per_sec
+    means.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * self._batch,
+                 epoch=step / self._per_epoch, eta_hours=eta / 3600)
+    self._writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    losses = ', '.join(f'{k[5:]} {v:.4f}' for k, v in means.items() if k.startswith('loss_'))
+    extra = f' lambda {means["lambda"]:.3f}' if 'lambda' in means else ''
+    logging.info(
+        'step %d/%d (epoch %.2f) | loss %.4f (%s)%s | top-1 %.2f%% | lr %.4g | %.2f steps/s, '
+        '%.0f img/s | ETA %s', step, self._total, step / self._per_epoch, means['loss'], losses,
+        extra, means['top1'], means['lr'], steps_per_sec, means['images_per_sec'],
+        format_duration(eta))
+    self.history.append({'step': step, **means})
+    self._pending = []
+    self._t0 = time.monotonic()
+    return means

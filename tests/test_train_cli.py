@@ -1,0 +1,21 @@
+"""main.py as a user runs it: an ImageNet config on a machine without ImageNet."""
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_imagenet_config_without_data_says_what_to_do(tmp_path):
+  env = {**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')}
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/imagenet_r34_r18.py',
+       f'--workdir={tmp_path / "run"}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  for text in ('ImageNet (tfds "imagenet2012") is not prepared', 'ILSVRC2012_img_train.tar',
+               'ILSVRC2012_img_val.tar', str(tmp_path / 'tfds' / 'downloads' / 'manual'),
+               'tfds build imagenet2012'):
+    assert text in proc.stderr
+  assert 'Traceback' not in proc.stderr
