@@ -74,5 +74,18 @@ def main(argv):
     raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a `--config.FIELD` override naming no field exits with a clear message."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    field = str(e).strip('"\'')
+    raise SystemExit(
+        f'Unknown config field {field!r} (in {", ".join(overrides)}). Config fields are the '
+        f'names in configs/default.py and in the config file; overrides cannot add new ones '
+        f'(the config is locked). Check the spelling.') from None
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

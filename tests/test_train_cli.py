@@ -19,3 +19,14 @@ def test_imagenet_config_without_data_says_what_to_do(tmp_path):
                'tfds build imagenet2012'):
     assert text in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_misspelt_config_field_is_a_clear_error_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/cifar100_r56_r20.py',
+       f'--workdir={tmp_path / "run"}', '--config.learnig_rate=0.05'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Unknown config field 'learnig_rate'" in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'run').exists()
