@@ -79,12 +79,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    field = str(e).strip('"\'')
+    overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
+    message = str(e.args[0] if e.args else e).replace("\\'", "'").replace('\\n', '\n')
+    hint = next((l.strip("'\\ ") for l in message.splitlines() if 'Did you mean' in l), '')
+    bad = next((o for o in overrides if o.split('.')[0] in message), ', '.join(overrides))
     raise SystemExit(
-        f'Unknown config field {field!r} (in {", ".join(overrides)}). Config fields are the '
-        f'names in configs/default.py and in the config file; overrides cannot add new ones '
-        f'(the config is locked). Check the spelling.') from None
+        f'Unknown config field {bad!r} (--config.{bad}). {hint} Config fields are the names '
+        f'in configs/default.py and in the config file; overrides cannot add new ones (the '
+        f'config is locked).'.replace('  ', ' ')) from None
 
 
 if __name__ == '__main__':
