@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Networks and method.
   config.model = 'resnet20'            # the network trained: the student, or the network alone
-  config.method = 'none'               # 'none' (config.model alone) | 'reviewkd'
+  config.method = 'none'               # 'none' (config.model alone) | 'reviewkd' | kd, fitnet,
+                                       # at, pkt, rkd, crd, vid, ofd, dkd (comparison methods)
   config.teacher = ''                  # the frozen teacher's model name
   config.teacher_checkpoint = ''       # .pt/.pth state_dict, or a workdir of a run of this code
   config.teacher_bn_mode = 'eval'      # 'eval' (running stats) | 'batch_stats' (authors' CIFAR)
@@ -35,6 +36,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.kd_weight = 0.0               # optional logit KD term (the authors' --use-kl)
   config.kd_temperature = 4.0
   config.ce_weight = 1.0
+
+  # Comparison methods: loss = ce_weight * CE + the method's term (+ kd_weight * KD). Defaults:
+  # the CRD benchmark (RepDistiller's -b per method), OFD's and DKD's own code (mdistiller).
+  config.fitnet_weight = 100.0
+  config.fitnet_hint_layer = 2         # index into [stem, *stages, pooled]: stages[1]
+  config.at_weight = 1000.0
+  config.at_p = 2.0
+  config.pkt_weight = 30000.0
+  config.rkd_distance_weight = 25.0
+  config.rkd_angle_weight = 50.0
+  config.crd_weight = 0.8
+  config.crd_feat_dim = 128
+  config.crd_num_negatives = 16384     # clipped to (training examples - 1) on tiny datasets
+  config.crd_temperature = 0.07
+  config.crd_momentum = 0.5
+  config.crd_negatives = 'other_class'  # 'other_class' (RepDistiller's mode 'exact') | 'uniform'
+  config.vid_weight = 1.0
+  config.vid_init_pred_var = 5.0
+  config.ofd_weight = 1e-3             # 1e-4 on ImageNet in OFD's code
+  config.ofd_connector_kernel = 1
+  config.dkd_alpha = 1.0
+  config.dkd_beta = 8.0
+  config.dkd_temperature = 4.0
+  config.dkd_warmup_epochs = 20        # min(1, (epoch + 1) / 20): mdistiller counts from 1
 
   # Optimisation: SGD, weight decay added to the gradient of every trainable parameter.
   config.num_epochs = 240

@@ -31,6 +31,11 @@ def _all_configs():
       variants = [(m, module.get_config(m)) for m in module.LEARNING_RATES]
     elif name == 'imagenet_baseline':
       variants = [(m, module.get_config(m)) for m in module.MODELS]
+    elif name == 'cifar100_table1':
+      # The methods whose modules depend on the pair's features (kd, pkt, rkd and dkd build
+      # the same networks as at; reviewkd is the pair files' config).
+      variants = [(f'pair={p},method={m}', module.get_config(f'pair={p},method={m}'))
+                  for p in module.PAIRS for m in ('fitnet', 'at', 'vid', 'ofd', 'crd')]
     else:
       variants = [('', module.get_config())]
     for arg, config in variants:
@@ -134,5 +139,6 @@ def test_method_none_refuses_a_teacher():
 
 
 def test_unknown_method_lists_the_known_ones():
-  with pytest.raises(ValueError, match='Known methods: none, reviewkd'):
+  with pytest.raises(ValueError, match='Known methods: at, crd, dkd, fitnet, kd, none, ofd, '
+                                       r'pkt, reviewkd, rkd, vid\.'):
     get_method('crd_v2')

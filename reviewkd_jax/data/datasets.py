@@ -26,7 +26,9 @@ class DatasetSpec:
 
   `mean`/`std` are per channel on the [0, 1] scale; images travel as uint8 and are normalised
   on the device. `kind` selects the augmentation: 'crop' (pad, random crop, optional flip)
-  or 'inception' (RandomResizedCrop + flip; eval resize + centre crop).
+  or 'inception' (RandomResizedCrop + flip; eval resize + centre crop). `num_train` is the
+  size of the full training split; the trainer replaces it with its run's count
+  (`train_subset`, mock data).
   """
   name: str
   num_classes: int
@@ -40,6 +42,7 @@ class DatasetSpec:
   crop_padding: int = 0
   random_flip: bool = True
   eval_resize: int = 0  # 'inception': shorter side before the centre crop
+  num_train: int = 0
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -51,15 +54,16 @@ DATASETS = {
     # The authors' CIFAR-100 recipe: RandomCrop(32, padding=4), flip, their mean/std.
     'cifar100': DatasetSpec(
         'cifar100', 100, 32, 3, tuple(v / 255 for v in (125.3, 123.0, 113.9)),
-        tuple(v / 255 for v in (63.0, 62.1, 66.7)), 'train', 'test', 'crop', crop_padding=4),
+        tuple(v / 255 for v in (63.0, 62.1, 66.7)), 'train', 'test', 'crop', crop_padding=4,
+        num_train=50000),
     'imagenet2012': DatasetSpec(
         'imagenet2012', 1000, 224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 'train',
-        'validation', 'inception', eval_resize=256),
+        'validation', 'inception', eval_resize=256, num_train=1281167),
     # scikit-learn's 8x8 digits upsampled to 32x32 (offline demo); mirrored digits are not
     # digits, so no flip. Mean/std of the training images.
     'digits': DatasetSpec(
         'digits', 10, 32, 3, (0.305,) * 3, (0.324,) * 3, 'train', 'test', 'crop',
-        crop_padding=4, random_flip=False),
+        crop_padding=4, random_flip=False, num_train=1347),
 }
 
 
@@ -118,6 +122,7 @@ class ArraySource:
   def __init__(self, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                *, process_index: int, process_count: int):
     self.num_train, self.num_eval = len(train[1]), len(test[1])
+    self._train_labels = np.asarray(train[1], np.int32)
     self._train = self._share(train, process_index, process_count)
     self._eval = self._share(test, process_index, process_count)
 
@@ -135,8 +140,8 @@ class ArraySource:
 
   @property
   def train_labels(self) -> np.ndarray:
-    """Returns this process's training labels, in dataset-index order."""
-    return self._train['label']
+    """Returns the labels of the whole training split (every process's), by dataset index."""
+    return self._train_labels
 
   def train_examples(self, epoch_seed: int) -> tf.data.Dataset:
     """Returns this process's training examples in an exact permutation drawn from the seed."""

@@ -3,6 +3,8 @@
 - `trainer`: the run (data, teacher, loop, evaluation, checkpoints, logs) and config checks.
 - `methods`: training methods by name (`config.method`): 'none', 'reviewkd'; the extension
   point for other distillation methods.
+- `comparison_methods`: the paper's comparison methods (kd, fitnet, at, pkt, rkd, crd, vid,
+  ofd, dkd) registered through that extension point.
 - `step`: the jitted train and eval steps over a device mesh.
 - `state`: TrainState, PyTorch-style SGD, the mesh and shardings.
 - `schedules`: the epoch-based learning rate and loss-weight warm-up.

@@ -18,8 +18,20 @@ Extension point. A method is a `Method` registered under its name (`config.metho
   module's (for evaluation and for the exported best/final models); `backbone(module)` the
   matching module.
 - `check_config(config)`: raise ValueError with a message saying what to change.
+- `prepare(config, spec, *, teacher, teacher_variables, train_labels) -> constants`
+  (optional): host arrays computed once per run, after the teacher is loaded (OFD's margins
+  from the teacher's BatchNorms, CRD's class index of the training labels);
+  `train_labels` are the whole training split's labels in dataset-index order, or None for
+  a streamed dataset. The jitted step closes over them and hands them over as
+  `ctx.constants`.
+- `apply_kwargs(ctx) -> dict` (optional): extra keyword arguments of the trainable module's
+  `apply` in the train step, computed from `ctx` before the student runs
+  (`ctx.student_out` is None): e.g. the teacher's features and the batch's dataset indices
+  for CRD's heads. The module must also initialise and evaluate without them.
 
-`register_method(Method(...))` adds one; `get_method(name)` looks it up.
+`register_method(Method(...))` adds one; `get_method(name)` looks it up. The comparison
+methods (kd, fitnet, at, pkt, rkd, crd, vid, ofd, dkd) are registered by
+`comparison_methods`, imported at the end of this module.
 """
 from __future__ import annotations
 
@@ -47,6 +59,7 @@ class LossContext:
   batch: dict                 # 'image', 'label', 'index' (dataset index, -1 if unknown)
   epoch: jax.Array            # 0-based epoch of this step (int32, traced)
   rng: jax.Array              # a key for this step
+  constants: Any = None       # the method's `prepare` output for this run
 
 
 def _identity(x):
@@ -55,6 +68,15 @@ def _identity(x):
 
 def _no_check(config):
   del config
+
+
+def _no_constants(config, spec, **run):
+  del config, spec, run
+
+
+def _no_apply_kwargs(ctx):
+  del ctx
+  return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +89,8 @@ class Method:
   backbone: Callable[[nn.Module], nn.Module] = _identity
   backbone_variables: Callable[[dict], dict] = _identity
   check_config: Callable[[ml_collections.ConfigDict], None] = _no_check
+  prepare: Callable[..., Any] = _no_constants
+  apply_kwargs: Callable[[LossContext], dict] = _no_apply_kwargs
 
 
 _METHODS: dict[str, Method] = {}
@@ -91,6 +115,15 @@ def get_method(name: str) -> Method:
     raise ValueError(f'Unknown method {name!r} (config.method). Known methods: '
                      f'{", ".join(list_methods())}.')
   return _METHODS[name]
+
+
+def logit_kd_terms(ctx: LossContext) -> tuple[dict, dict]:
+  """Returns `({'kd': kd_weight * KD}, {'kd': KD})`, the optional logit term, or ({}, {})."""
+  if not ctx.config.kd_weight:
+    return {}, {}
+  kd = losses.kd_loss(ctx.student_out[0], ctx.teacher_out[0],
+                      temperature=ctx.config.kd_temperature)
+  return {'kd': ctx.config.kd_weight * kd}, {'kd': kd}
 
 
 # --- 'none': the network alone (teachers and student baselines) ----------------------------
@@ -122,18 +155,13 @@ def _build_reviewkd(config, spec, dtype):
 
 def _reviewkd_loss_terms(ctx: LossContext):
   config = ctx.config
-  logits, fused, _ = ctx.student_out
-  teacher_logits, teacher_features = ctx.teacher_out
+  _, fused, _ = ctx.student_out
+  _, teacher_features = ctx.teacher_out
   hcl = losses.hcl(fused, reviewkd.review_features(teacher_features, config.teacher_features))
   lam = config.reviewkd_weight * schedules.warmup_factor(ctx.epoch,
                                                          config.reviewkd_warmup_epochs)
-  terms = {'hcl': lam * hcl}
-  logs = {'hcl': hcl, 'lambda': lam}
-  if config.kd_weight:
-    kd = losses.kd_loss(logits, teacher_logits, temperature=config.kd_temperature)
-    terms['kd'] = config.kd_weight * kd
-    logs['kd'] = kd
-  return terms, logs
+  kd_terms, kd_logs = logit_kd_terms(ctx)
+  return {'hcl': lam * hcl, **kd_terms}, {'hcl': hcl, 'lambda': lam, **kd_logs}
 
 
 def _check_reviewkd(config):
@@ -143,16 +171,21 @@ def _check_reviewkd(config):
                        f'{config[field]!r}.')
 
 
-def _reviewkd_backbone_variables(variables):
+def student_variables(variables: dict) -> dict:
+  """Returns the `student` submodule's variables from every collection that has them."""
   return {col: tree['student'] for col, tree in variables.items() if 'student' in tree}
 
 
 register_method(Method(
     name='reviewkd', uses_teacher=True, build=_build_reviewkd, loss_terms=_reviewkd_loss_terms,
-    backbone=lambda module: module.student, backbone_variables=_reviewkd_backbone_variables,
+    backbone=lambda module: module.student, backbone_variables=student_variables,
     check_config=_check_reviewkd))
 
 
 def total_loss(terms: dict[str, jax.Array]) -> jax.Array:
   """Returns the float32 sum of the weighted loss terms."""
   return sum((t.astype(jnp.float32) for t in terms.values()), jnp.zeros((), jnp.float32))
+
+
+# Registers the comparison methods; imported last, as it builds on the definitions above.
+from reviewkd_jax.train import comparison_methods  # noqa: E402,F401  pylint: disable=all

@@ -1,6 +1,7 @@
 """The jitted train and eval steps over a mesh (batch sharded on 'data', state replicated)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -51,12 +52,15 @@ def run_teacher(teacher: nn.Module, variables: Any, images: jax.Array, bn_mode: 
 def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
                     method: methods_lib.Method, config: ml_collections.ConfigDict,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    steps_per_epoch: int, spec: DatasetSpec, mesh: Mesh):
+                    steps_per_epoch: int, spec: DatasetSpec, mesh: Mesh,
+                    constants: Any = None):
   """Returns `train_step(state, batch, teacher_variables) -> (state, metrics)`, jitted.
 
   Loss: `ce_weight * CE + sum(method terms)`, all in float32. Epoch-dependent values
   (lambda's warm-up, the lr) are computed from the traced `state.step`, so the step compiles
-  once. The state is donated; metrics are replicated float32 scalars.
+  once. The state is donated; metrics are replicated float32 scalars. `constants` (the
+  method's `prepare` output, host arrays) are closed over and reach the method as
+  `ctx.constants`.
   """
 
   def train_step(state: TrainState, batch: dict, teacher_variables: Any):
@@ -67,17 +71,19 @@ def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
     teacher_out = None
     if teacher is not None:
       teacher_out = run_teacher(teacher, teacher_variables, images, config.teacher_bn_mode)
+    ctx = methods_lib.LossContext(
+        config=config, student_out=None, teacher_out=teacher_out, images=images, batch=batch,
+        epoch=epoch, rng=loss_rng, constants=constants)
+    apply_kwargs = method.apply_kwargs(ctx)
     mutable = list(state.model_state)
 
     def loss_fn(params):
       variables = {'params': params, **state.model_state}
       result = model.apply(variables, images, train=True, mutable=mutable or False,
-                           rngs={'dropout': dropout_rng})
+                           rngs={'dropout': dropout_rng}, **apply_kwargs)
       out, new_model_state = result if mutable else (result, {})
       logits = out[0].astype(jnp.float32)
-      terms, logs = method.loss_terms(methods_lib.LossContext(
-          config=config, student_out=out, teacher_out=teacher_out, images=images, batch=batch,
-          epoch=epoch, rng=loss_rng))
+      terms, logs = method.loss_terms(dataclasses.replace(ctx, student_out=out))
       terms = {'ce': config.ce_weight * losses.cross_entropy(logits, labels), **terms}
       return methods_lib.total_loss(terms), (terms, logs, logits, new_model_state)
 

@@ -149,9 +149,10 @@ def _train_one(config, workdir: str, *, devices) -> RunResult:
       raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
                        f'devices ({mesh.size}).')
   is_main = jax.process_index() == 0
-  spec = data.get_spec(config.dataset)
   pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
                                         process_count=jax.process_count())
+  # This run's training-set size (train_subset, mock data), e.g. for CRD's memory bank.
+  spec = dataclasses.replace(data.get_spec(config.dataset), num_train=pipeline.num_train)
   if method.uses_teacher and not config.teacher_checkpoint:
     raise ValueError(
         f'config.method={config.method!r} distils from a teacher: set '
@@ -221,19 +222,24 @@ def _run(config, workdir, *, method, mesh, spec, pipeline, model, teacher, backb
     teacher_variables, source = teacher_lib.load_teacher(
         config.teacher_checkpoint, teacher, name=config.teacher, dataset=config.dataset,
         image_shape=spec.image_shape, mesh=mesh)
-    if config.eval_teacher:
-      teacher_eval = step_lib.evaluate(step_lib.make_eval_step(teacher, spec, mesh),
-                                       teacher_variables, pipeline, mesh,
-                                       prefetch=config.prefetch_batches)
-      logging.info('Teacher %s from %s: top-1 %.2f%%, top-5 %.2f%% on %s %r (%d images, BN in '
-                   'eval mode).', config.teacher, source, teacher_eval['top1'],
-                   teacher_eval['top5'], config.dataset, spec.eval_split, teacher_eval['count'])
-      writer.write_scalars(step, {'teacher/top1': teacher_eval['top1'],
-                                  'teacher/top5': teacher_eval['top5']})
+  # The method's per-run constants, before the teacher's evaluation: a method that cannot
+  # run on this data (CRD without dataset indices) stops here.
+  constants = method.prepare(config, spec, teacher=teacher, teacher_variables=teacher_variables,
+                             train_labels=pipeline.source.train_labels)
+  if teacher is not None and config.eval_teacher:
+    teacher_eval = step_lib.evaluate(step_lib.make_eval_step(teacher, spec, mesh),
+                                     teacher_variables, pipeline, mesh,
+                                     prefetch=config.prefetch_batches)
+    logging.info('Teacher %s from %s: top-1 %.2f%%, top-5 %.2f%% on %s %r (%d images, BN in '
+                 'eval mode).', config.teacher, source, teacher_eval['top1'],
+                 teacher_eval['top5'], config.dataset, spec.eval_split, teacher_eval['count'])
+    writer.write_scalars(step, {'teacher/top1': teacher_eval['top1'],
+                                'teacher/top5': teacher_eval['top5']})
 
   train_step = step_lib.make_train_step(
       model=model, teacher=teacher, method=method, config=config, tx=tx,
-      lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch, spec=spec, mesh=mesh)
+      lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch, spec=spec, mesh=mesh,
+      constants=constants)
 
   def backbone_variables(s):
     return method.backbone_variables({'params': s.params, **s.model_state})
