@@ -32,14 +32,22 @@ def get_config(model: str | None = None) -> ml_collections.ConfigDict:
 
 
 def reviewkd_config(*, teacher: str, student: str, reviewkd_weight: float,
+                    student_features: str, teacher_features: str,
                     mid_channels: int = 0) -> ml_collections.ConfigDict:
-  """Returns ReviewKD for an ImageNet pair, as the authors' ImageNet script runs it."""
+  """Returns ReviewKD for an ImageNet pair, as the authors' ImageNet script runs it.
+
+  The feature kinds are what the authors' code computes, not what it reads like (see
+  docs/reviewkd.md, "Feature conventions"): their ImageNet ResNets return each stage's
+  output "before the last ReLU" but then apply `nn.ReLU(inplace=True)` to that very tensor,
+  so ResNet features are post-ReLU ('stages'); their MobileNet uses the functional `F.relu`,
+  so its features really are pre-ReLU ('preact').
+  """
   config = get_config(student)
   config.method = 'reviewkd'
   config.teacher = teacher
   config.teacher_bn_mode = 'eval'        # the authors call teacher.eval() on ImageNet
-  config.student_features = 'preact'     # both sides before the last ReLU on ImageNet
-  config.teacher_features = 'preact'
+  config.student_features = student_features
+  config.teacher_features = teacher_features
   config.reviewkd_weight = reviewkd_weight
   config.reviewkd_warmup_epochs = 0      # no warm-up on ImageNet
   config.mid_channels = mid_channels     # 0: derived, min(512, deepest student channels)

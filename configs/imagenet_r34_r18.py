@@ -14,4 +14,7 @@ from configs import imagenet_baseline
 def get_config():
   """Returns the authors' recipe for resnet34 -> resnet18."""
   return imagenet_baseline.reviewkd_config(teacher='resnet34', student='resnet18',
-                                           reviewkd_weight=1.0)
+                                           reviewkd_weight=1.0,
+                                           # post-ReLU on both sides (in-place ReLU)
+                                           student_features='stages',
+                                           teacher_features='stages')

@@ -14,4 +14,8 @@ from configs import imagenet_baseline
 def get_config():
   """Returns the authors' recipe for resnet50 -> mobilenet_v1."""
   return imagenet_baseline.reviewkd_config(teacher='resnet50', student='mobilenet_v1',
-                                           reviewkd_weight=8.0, mid_channels=256)
+                                           reviewkd_weight=8.0, mid_channels=256,
+                                           # MobileNet pre-ReLU (F.relu), ResNet50
+                                           # post-ReLU (in-place ReLU)
+                                           student_features='preact',
+                                           teacher_features='stages')

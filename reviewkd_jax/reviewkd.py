@@ -20,12 +20,6 @@ from reviewkd_jax.models import layers
 
 FEATURE_KINDS = ('stages', 'preact')
 
-# The authors' conventions: (student feature kind, teacher feature kind, teacher BN mode).
-PAPER_FEATURES = {
-    'cifar100': ('stages', 'preact'),
-    'imagenet2012': ('preact', 'preact'),
-}
-
 
 def _torch_nearest_index(in_size: int, out_size: int) -> np.ndarray:
   """Returns source indices of PyTorch's `interpolate(mode='nearest')` along one axis."""
@@ -103,7 +97,8 @@ class ReviewKDStudent(nn.Module):
     teacher_sizes: spatial size (int or (H, W)) of each teacher level, same order.
     mid_channels: ABF width; None derives the authors' `min(512, C of the deepest student
       level)` (the pooled embedding).
-    student_features: 'stages' (after activation: the authors' CIFAR student) or 'preact'.
+    student_features: 'stages' (after activation: the authors' CIFAR student and ImageNet
+      ResNet) or 'preact' (their ImageNet MobileNet); see docs/reviewkd.md.
   """
   student: nn.Module
   teacher_channels: Sequence[int]

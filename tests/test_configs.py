@@ -89,13 +89,16 @@ def test_cifar_pairs_use_the_authors_settings(name, lam, lr):
   assert tuple(config.lr_decay_epochs) == (151, 181, 211) and config.num_epochs == 240
 
 
-@pytest.mark.parametrize('name,lam,mid', [('imagenet_r34_r18', 1.0, 0),
-                                          ('imagenet_r50_mobilenet', 8.0, 256)])
-def test_imagenet_pairs_use_the_authors_settings(name, lam, mid):
+# Feature kinds as the authors' code computes them: their ResNets' in-place ReLU makes every
+# ResNet feature post-ReLU ('stages'); their MobileNet's F.relu leaves its features pre-ReLU.
+@pytest.mark.parametrize('name,lam,mid,features', [
+    ('imagenet_r34_r18', 1.0, 0, ('stages', 'stages')),
+    ('imagenet_r50_mobilenet', 8.0, 256, ('preact', 'stages'))])
+def test_imagenet_pairs_use_the_authors_settings(name, lam, mid, features):
   config = _module(name).get_config()
   assert (config.reviewkd_weight, config.mid_channels) == (lam, mid)
   assert config.teacher_bn_mode == 'eval' and config.reviewkd_warmup_epochs == 0
-  assert (config.student_features, config.teacher_features) == ('preact', 'preact')
+  assert (config.student_features, config.teacher_features) == features
   assert not config.nesterov and config.weight_decay == 1e-4 and config.batch_size == 256
   assert tuple(config.lr_decay_epochs) == (30, 60, 90) and config.num_epochs == 100
 

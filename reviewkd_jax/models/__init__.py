@@ -4,8 +4,9 @@ Every model is a linen module called as `model.apply(variables, x, train=...)` o
 and returns `(logits, features)` where `features` is a dict:
 
 - `stem`: the output of the stem (first conv block), after activation.
-- `stages`: list of per-stage outputs after activation, shallow to deep.
-- `preact`: the same stages before the stage's last activation (family rules in REVIEWKD.md).
+- `stages`: list of per-stage outputs, shallow to deep: after activation, except WRN (raw
+  residual sums) and MobileNetV2 (linear bottleneck outputs), as the KD codebases take them.
+- `preact`: the same stages before the stage's last activation (family rules in docs/reviewkd.md).
 - `pooled`: (N, C) globally pooled embedding that feeds the classifier.
 """
 from reviewkd_jax.models.registry import create_model, list_models, register_model

@@ -6,7 +6,7 @@ average pooling and `fc`. The blocks and the skeleton also serve CRD's CIFAR Res
 (`shortcut` instead of `downsample`) and classifier (`linear` instead of `fc`). Module names
 follow the converter's rule (`layer1.0.downsample.0` -> `layer1_0/downsample_0`).
 
-Features (REVIEWKD.md): `preact` is each stage's last residual sum before its ReLU, which is
+Features (docs/reviewkd.md): `preact` is each stage's last residual sum before its ReLU, which is
 what CRD's `is_last` blocks return as `preact`.
 """
 from __future__ import annotations

@@ -5,8 +5,10 @@ BasicBlocks or Bottlenecks with the stride on the 3x3 conv (ResNet v1.5), a 1x1 
 `downsample` shortcut where the shape changes, global average pooling and `fc`. Module names
 follow the converter's rule (`layer1.0.downsample.0` -> `layer1_0/downsample_0`).
 
-Features (REVIEWKD.md, ImageNet): `preact` is each stage's last residual sum before its ReLU,
-which is what the authors' ImageNet ResNet returns (their `is_last` blocks skip that ReLU).
+Features: `preact` is each stage's last residual sum before its ReLU, `stages` the same map
+after it. The authors' ImageNet ResNet *reads* as if it returned `preact` (their `is_last`
+blocks skip that ReLU), but it then applies `nn.ReLU(inplace=True)` to the returned tensor
+itself, so what their ReviewKD distils is `stages` (docs/reviewkd.md, "Feature conventions").
 """
 from __future__ import annotations
 

@@ -74,3 +74,61 @@ def mobilenet_forward(model, x):
       x = model.model[i](x)
   feats['pooled'] = torch.flatten(model.model[14](x), 1)
   return logits, feats
+
+
+# --- The authors' ImageNet feature extraction, as their code computes it --------------------
+
+class AuthorsImageNetResNet(nn.Module):
+  """A torchvision ResNet's layers run the way the authors' ImageNet `ResNet` runs with
+  `is_feat=True`; `forward(x)` returns `([x1, x2, x3, x4, x5], logits)`.
+
+  Their file is torchvision's ResNet with two changes: each stage's last block skips its final
+  ReLU (`is_last`), and `_forward_impl` keeps that block's output as the stage's feature and
+  then feeds the next stage `self.relu(x1)`, where `self.relu` is `nn.ReLU(inplace=True)`.
+  The in-place ReLU overwrites the kept tensor, so every returned feature is post-ReLU even
+  though the code reads as pre-ReLU. This class keeps that aliasing (torchvision's own
+  `self.relu` is the same in-place module) instead of reasoning about it. The modules are
+  torchvision's, under their names, so `state_dict()` keys are torchvision's.
+  """
+
+  def __init__(self, net):
+    super().__init__()
+    for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4',
+                 'avgpool', 'fc'):
+      setattr(self, name, getattr(net, name))
+    assert isinstance(self.relu, nn.ReLU) and self.relu.inplace
+
+  @staticmethod
+  def _stage(layer, x):
+    for block in layer[:-1]:
+      x = block(x)
+    return _residual_sum(layer[-1], x)  # the authors' `is_last` block: no final ReLU
+
+  def forward(self, x):
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x1 = self._stage(self.layer1, x)
+    x2 = self.relu(x1)                   # in place: x1 is now post-ReLU too
+    x2 = self._stage(self.layer2, x2)
+    x3 = self.relu(x2)
+    x3 = self._stage(self.layer3, x3)
+    x4 = self.relu(x3)
+    x4 = self._stage(self.layer4, x4)
+    x = self.relu(x4)
+    x5 = self.avgpool(x)
+    return [x1, x2, x3, x4, x5], self.fc(torch.flatten(x5, 1))
+
+
+class AuthorsMobileNetFeatures(AuthorsMobileNet):
+  """`AuthorsMobileNet` whose `forward` is the authors' `extract_feature(x, preReLU=True)`:
+  returns `([feat1..feat4, pooled], logits)`. Their taps are the blocks' last BN outputs, and
+  the ReLU between taps is the functional, not-in-place `F.relu`: the features stay pre-ReLU.
+  """
+
+  def forward(self, x):
+    relu, m = torch.nn.functional.relu, self.model
+    feat1 = m[3][:-1](m[0:3](x))
+    feat2 = m[5][:-1](m[4:5](relu(feat1)))
+    feat3 = m[11][:-1](m[6:11](relu(feat2)))
+    feat4 = m[13][:-1](m[12:13](relu(feat3)))
+    feat5 = m[14](relu(feat4))
+    return [feat1, feat2, feat3, feat4, feat5], self.fc(feat5.view(-1, 1024))
