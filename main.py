@@ -16,7 +16,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from reviewkd_jax.data import DatasetNotFoundError
-from reviewkd_jax.train import train_and_evaluate
+from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the exported models.')
@@ -69,7 +69,10 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if is_suite(FLAGS.config):
+      train_suite(FLAGS.config, FLAGS.workdir)
+    else:
+      train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except DatasetNotFoundError as e:
     raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
 
@@ -78,6 +81,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a `--config.FIELD` override naming no field exits with a clear message."""
   try:
     return FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    # A config file's get_config raised (e.g. a bad `:key=value` argument); ml_collections
+    # wraps the error in its traceback, whose last line is 'ValueError: <message>'.
+    message = str(e).strip().splitlines()[-1]
+    raise SystemExit(message.partition(': ')[2] if 'Error whilst parsing config' in str(e)
+                     else message) from None
   except (AttributeError, KeyError) as e:
     overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
     message = str(e.args[0] if e.args else e).replace("\\'", "'").replace('\\n', '\n')

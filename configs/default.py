@@ -20,8 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Networks and method.
   config.model = 'resnet20'            # the network trained: the student, or the network alone
-  config.method = 'none'               # 'none' (config.model alone) | 'reviewkd' | kd, fitnet,
-                                       # at, pkt, rkd, crd, vid, ofd, dkd (comparison methods)
+  config.method = 'none'               # a registered method (reviewkd_jax.train.list_methods()):
+                                       # 'none' trains config.model alone
   config.teacher = ''                  # the frozen teacher's model name
   config.teacher_checkpoint = ''       # .pt/.pth state_dict, or a workdir of a run of this code
   config.teacher_bn_mode = 'eval'      # 'eval' (running stats) | 'batch_stats' (authors' CIFAR)

@@ -64,7 +64,7 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
                   config_name: str = '') -> dict:
   """Returns the report dict (see the module docstring); `config` is an experiment config."""
   import jax  # pylint: disable=g-import-not-at-top
-  from reviewkd_jax import reviewkd  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.distill import reviewkd  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import hardware, input_pipeline, jax_step  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import report as report_lib  # pylint: disable=g-import-not-at-top
 

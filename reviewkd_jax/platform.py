@@ -2,8 +2,10 @@
 
 `configure_cpu()` appends this project's XLA:CPU flags to `XLA_FLAGS` (flags the user set
 keep their values) when the process will compute on the CPU and JAX's backends are not
-running yet; entry points (`python -m reviewkd_jax.benchmark`, and `main.py`) call it first
-thing. See `CPU_FLAGS` for what is set and what was measured.
+running yet. `python -m reviewkd_jax.benchmark` calls it first thing (`--nocpu_defaults`
+skips it); `main.py` does not, since the flag only matters once the models place
+optimisation barriers, which they do not yet. See `CPU_FLAGS` for what is set and what was
+measured.
 """
 from __future__ import annotations
 

@@ -6,22 +6,19 @@ the first step's losses of JAX and PyTorch agree on the same weights and batch.
 """
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import jax
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
-
-from reviewkd_jax import platform as platform_lib  # noqa: E402
-from reviewkd_jax.bench import input_pipeline  # noqa: E402
-from reviewkd_jax.bench import report as report_lib  # noqa: E402
+from reviewkd_jax import platform as platform_lib
+from reviewkd_jax.bench import input_pipeline
+from reviewkd_jax.bench import report as report_lib
+from tests.helpers import ROOT
 
 pytest.importorskip('torch')
+pytestmark = pytest.mark.slow  # subprocesses of the benchmark command
 
 
 @pytest.fixture(scope='module')

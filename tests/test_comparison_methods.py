@@ -6,64 +6,47 @@ regressor, connector and embedding maps channels) on 56 mock CIFAR-100 examples,
 of 16. Every method also adds the logit KD term (kd_weight 0.5), as any method may.
 """
 import dataclasses
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from absl import flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+from configs import cifar100_table1, default, pairs
+from reviewkd_jax import data
+from reviewkd_jax.distill import ofd
+from reviewkd_jax.models import create_model
+from reviewkd_jax.models import layers
+from reviewkd_jax.train import checkpoint as checkpoint_lib
+from reviewkd_jax.train import setup as setup_lib
+from reviewkd_jax.train import state as state_lib
+from reviewkd_jax.train import teacher as teacher_lib
+from reviewkd_jax.train import check_config, get_method, list_methods, train_and_evaluate
+from tests.helpers import NUM_MOCK_EXAMPLES as NUM_EXAMPLES
+from tests.helpers import ONE_DEVICE, ROOT, tiny_config
 
-from configs import cifar100_table1, default  # noqa: E402
-from reviewkd_jax import data  # noqa: E402
-from reviewkd_jax import methods as M  # noqa: E402
-from reviewkd_jax.models import create_model  # noqa: E402
-from reviewkd_jax.models import layers  # noqa: E402
-from reviewkd_jax.train import checkpoint as checkpoint_lib  # noqa: E402
-from reviewkd_jax.train import comparison_methods as cm  # noqa: E402
-from reviewkd_jax.train import state as state_lib  # noqa: E402
-from reviewkd_jax.train import step as step_lib  # noqa: E402
-from reviewkd_jax.train import teacher as teacher_lib  # noqa: E402
-from reviewkd_jax.train import check_config, get_method, train_and_evaluate  # noqa: E402
-
-NUM_EXAMPLES = 56          # mock split: 3 training steps of 16 per epoch
 STUDENT, TEACHER = 'resnet8', 'resnet8x4'
-ONE_DEVICE = jax.devices()[:1]
 # 1 vs 8 devices differ only in the order of float reductions (the same global batch, the
 # same BatchNorm statistics, the same random negatives): every logged loss agrees to rtol
 # 2e-4 (measured: <= 1e-6 for most terms, 1e-4 for RKD's N^3 angles), atol 1e-5; PKT's term
 # gets atol 3e-4: it is 30000 x a KL of ~1e-6 between two nearly equal kernels, whose
 # float32 rounding is ~7e-5 after the weight (2.9e-3 relative, measured).
 LOSS_RTOL_1_VS_8, LOSS_ATOL_1_VS_8, PKT_ATOL_1_VS_8 = 2e-4, 1e-5, 3e-4
+COMPARISON_METHODS = [m for m in list_methods() if m not in ('none', 'reviewkd')]
+pytestmark = pytest.mark.usefixtures('mock_cifar100')
 
 
 def _tiny(method, **fields):
-  config = default.get_config()
-  config.update(dataset='cifar100', model=STUDENT, teacher=TEACHER, method=method,
-                batch_size=16, eval_batch_size=16, num_epochs=2, learning_rate=0.05,
-                base_batch_size=16, lr_decay_epochs=(1,), log_every_steps=1,
-                keep_checkpoints=2, prefetch_batches=1, eval_teacher=False, kd_weight=0.5)
-  config.update(fields)
-  return config
-
-
-@pytest.fixture(scope='module', autouse=True)
-def mock_cifar():
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    yield
+  return tiny_config(**{'model': STUDENT, 'teacher': TEACHER, 'method': method,
+                        'eval_teacher': False, 'kd_weight': 0.5, **fields})
 
 
 @pytest.fixture(scope='module')
-def mock_data(mock_cifar):
+def mock_data(mock_cifar100):
   """(spec sized to the mock split, its 3 training batches of epoch 0, all train labels)."""
-  del mock_cifar
+  del mock_cifar100
   pipeline = data.create_input_pipeline(_tiny('kd'))
   spec = dataclasses.replace(data.get_spec('cifar100'), num_train=pipeline.num_train)
   return spec, list(pipeline.train_batches(0)), pipeline.source.train_labels
@@ -99,15 +82,14 @@ def teacher_variables():
 _INITIAL_STATES = {}
 
 
-def _initial_state(model, tx):
-  """Returns the host copy of `create_train_state`, computed once per module structure."""
-  key = repr(model)
+def _initial_state(run):
+  """Returns the host copy of `run.init_state()`, computed once per module structure."""
+  key = repr(run.model)
   if key not in _INITIAL_STATES:
     # The non-partitionable threefry compiles the initialisers ~3x faster on XLA:CPU; the
     # initial values need only be the same for the 1- and 8-device runs.
     with jax.threefry_partitionable(False):
-      state = state_lib.create_train_state(model, tx, seed=0, input_shape=(32, 32, 3),
-                                           mesh=state_lib.make_mesh(ONE_DEVICE))
+      state = run.init_state()
     _INITIAL_STATES[key] = jax.device_get(state)
   return _INITIAL_STATES[key]
 
@@ -119,18 +101,14 @@ def _train_steps(config, devices, mock_data, teacher_variables):
   Returns (initial host state, final host state, per-step host metrics).
   """
   spec, batches, train_labels = mock_data
-  method = check_config(config)
   mesh = state_lib.make_mesh(devices)
-  model, teacher = method.build(config, spec, jnp.float32)
-  tx, lr_schedule = state_lib.make_optimizer(config, steps_per_epoch=1)
-  initial = _initial_state(model, tx)
+  run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=1)
+  initial = _initial_state(run)
   state = jax.device_put(initial, state_lib.replicated(mesh))
   tvars = jax.device_put(teacher_variables, state_lib.replicated(mesh))
-  constants = method.prepare(config, spec, teacher=teacher, teacher_variables=tvars,
-                             train_labels=train_labels)
-  train_step = step_lib.make_train_step(
-      model=model, teacher=teacher, method=method, config=config, tx=tx,
-      lr_schedule=lr_schedule, steps_per_epoch=1, spec=spec, mesh=mesh, constants=constants)
+  constants = run.method.prepare(config, spec, teacher=run.teacher, teacher_variables=tvars,
+                                 train_labels=train_labels)
+  train_step = run.train_step(constants)
   history = []
   for batch in batches:
     state, metrics = train_step(state, jax.device_put(batch, state_lib.batch_sharded(mesh)),
@@ -144,7 +122,7 @@ def _flat(tree):
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize('method', cm.COMPARISON_METHODS)
+@pytest.mark.parametrize('method', COMPARISON_METHODS)
 def test_method_trains_the_same_on_1_and_8_devices(method, mock_data, teacher_variables):
   assert jax.device_count() == 8
   config = _tiny(method)
@@ -220,6 +198,7 @@ def _crd_run(workdir, teacher_workdir, **fields):
   return train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
 
 
+@pytest.mark.slow
 def test_crd_memory_bank_trains_checkpoints_and_resumes(tmp_path, teacher_workdir, mock_data):
   """Through the trainer: the bank is updated at the batch's rows, saved, restored, continued."""
   stopped = _crd_run(tmp_path, teacher_workdir, num_epochs=1, stop_after_step=2)
@@ -275,7 +254,7 @@ def test_ofd_bn_paths_name_the_bn_before_each_preact_map(name):
     return feats['preact'], inter['intermediates']
 
   preact, bn_out = run(variables)
-  paths = cm.ofd_bn_paths(model)
+  paths = ofd.ofd_bn_paths(model)
   assert len(paths) == len(preact)
   for path, pre in zip(paths, preact):
     out = bn_out
@@ -287,7 +266,7 @@ def test_ofd_bn_paths_name_the_bn_before_each_preact_map(name):
       np.testing.assert_array_equal(out, pre)
     else:  # the residual branch's last BN; the shortcut is what remains
       assert not np.allclose(out, pre)
-  margins = M.ofd_margins_from_params(variables['params'], paths)
+  margins = ofd.ofd_margins_from_params(variables['params'], paths)
   assert [m.shape[0] for m in margins] == [p.shape[-1] for p in preact]
 
 
@@ -297,9 +276,9 @@ def test_ofd_margins_come_from_the_loaded_teacher(mock_data, teacher_variables):
   constants = get_method('ofd').prepare(_tiny('ofd'), spec, teacher=teacher,
                                         teacher_variables=teacher_variables, train_labels=None)
   p = teacher_variables['params']
-  assert cm.ofd_bn_paths(teacher) == ['layer1_0/bn2', 'layer2_0/bn2', 'layer3_0/bn2']
+  assert ofd.ofd_bn_paths(teacher) == ['layer1_0/bn2', 'layer2_0/bn2', 'layer3_0/bn2']
   for margin, layer in zip(constants['margins'], ('layer1_0', 'layer2_0', 'layer3_0')):
-    np.testing.assert_array_equal(margin, M.ofd_margin(p[layer]['bn2']['scale'],
+    np.testing.assert_array_equal(margin, ofd.ofd_margin(p[layer]['bn2']['scale'],
                                                        p[layer]['bn2']['bias']))
   assert len({round(float(v), 4) for v in constants['margins'][0]}) > 10  # spread BN params
 
@@ -313,7 +292,8 @@ def test_ofd_refuses_a_teacher_without_bn_margins():
 
 
 def test_every_table1_config_passes_its_methods_checks():
-  for pair, (teacher, student) in cifar100_table1.PAIRS.items():
+  for pair in cifar100_table1.PAIRS:
+    teacher, student = pairs.get(pair).teacher, pairs.get(pair).student
     for method in cifar100_table1.METHODS:
       config = cifar100_table1.get_config(f'pair={pair},method={method}')
       assert get_method(config.method) is check_config(config)
@@ -359,7 +339,7 @@ def test_table1_config_from_the_command_line():
                                  'pair=r56_r20,method=fitnets', 'r56_r20,crd'])
 def test_table1_bad_arguments_list_the_choices(arg):
   with pytest.raises(ValueError, match='r56_r20, r110_r32, .*vgg13_vgg8 and METHOD one of '
-                                       'kd, fitnet, at, .*, dkd, reviewkd'):
+                                       'at, crd, dkd, fitnet, kd, ofd, pkt, reviewkd, rkd, vid'):
     cifar100_table1.get_config(arg)
 
 
@@ -405,4 +385,4 @@ def test_crd_uniform_negatives_trace(mock_data):
       lambda v: model.apply(v, x, train=True, mutable=['batch_stats', 'memory'], **inputs),
       variables)
   assert [s.shape for s in scores] == [(4, NUM_EXAMPLES), (4, NUM_EXAMPLES)]
-  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)[2] is None
+  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).head is None

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reviewkd_jax import convert, reviewkd
+from reviewkd_jax import convert
+from reviewkd_jax.distill import reviewkd
 from reviewkd_jax.models import create_model
 
 torch = pytest.importorskip('torch')
-from reviewkd_jax import torch_reference  # noqa: E402
-from reviewkd_jax.torch_reference import reviewkd as torch_ref  # noqa: E402
+from reviewkd_jax import testing as torch_reference  # noqa: E402
+from reviewkd_jax.testing import torch_reviewkd as torch_ref  # noqa: E402
 from tests import torch_utils  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def test_authors_reviewkd_checkpoint_loads_and_matches():
   with torch.no_grad():
     t_fused, t_logits = t_wrapper(x_nchw)
     exact_fused, exact_logits = copy.deepcopy(t_wrapper).double()(x_nchw.double())
-  logits, fused, _ = student.apply(variables, jnp.asarray(x), train=False)
+  logits, _, fused = student.apply(variables, jnp.asarray(x), train=False)
   torch_utils.assert_as_accurate('logits', logits, t_logits, exact_logits)
   for i, (ours, theirs, exact) in enumerate(zip(fused, t_fused, exact_fused)):
     torch_utils.assert_as_accurate(f'fused[{i}]', ours, theirs, exact)

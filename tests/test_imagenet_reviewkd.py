@@ -15,11 +15,10 @@ import pytest
 
 from reviewkd_jax import convert, data
 from reviewkd_jax.models import create_model
-from reviewkd_jax.torch_reference import imagenet as ref
-from reviewkd_jax.torch_reference import reviewkd as torch_reviewkd
-from reviewkd_jax.train import methods as methods_lib
+from reviewkd_jax.testing import torch_imagenet as ref
+from reviewkd_jax.testing import torch_reviewkd
+from reviewkd_jax.train import setup as setup_lib
 from reviewkd_jax.train import state as state_lib
-from reviewkd_jax.train import step as step_lib
 from tests import torch_utils
 from tests.torch_utils import torch, torchvision
 
@@ -117,20 +116,15 @@ def _authors_loop(model, teacher, images, labels, *, lr, weight_decay, lam, step
 def _our_steps(config, spec, torch_student, torch_teacher, images_u8, labels, steps):
   """Runs our jitted ReviewKD train step `steps` times from the authors' weights."""
   mesh = state_lib.make_mesh(jax.devices()[:1])
-  method = methods_lib.get_method(config.method)
-  model, teacher = method.build(config, spec, jnp.float32)
-  tx, schedule = state_lib.make_optimizer(config, steps_per_epoch=1000)
+  run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=1000)
   x = np.zeros((1, *spec.image_shape), np.float32)
-  variables = _convert(torch_student, model, x)
-  teacher_variables = _convert(torch_teacher, teacher, x)
-  state = state_lib.create_train_state(model, tx, seed=0, input_shape=spec.image_shape,
-                                       mesh=mesh)
+  variables = _convert(torch_student, run.model, x)
+  teacher_variables = _convert(torch_teacher, run.teacher, x)
   params = jax.device_put(variables['params'], state_lib.replicated(mesh))
-  state = state.replace(params=params, model_state={'batch_stats': variables['batch_stats']},
-                        opt_state=tx.init(params))
-  train_step = step_lib.make_train_step(
-      model=model, teacher=teacher, method=method, config=config, tx=tx,
-      lr_schedule=schedule, steps_per_epoch=1000, spec=spec, mesh=mesh)
+  state = run.init_state().replace(params=params,
+                                   model_state={'batch_stats': variables['batch_stats']},
+                                   opt_state=run.tx.init(params))
+  train_step = run.train_step()
   batch = {'image': images_u8, 'label': labels.astype(np.int32),
            'index': np.full(len(labels), -1, np.int32)}
   losses = []

@@ -10,7 +10,7 @@ from reviewkd_jax import losses
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
-from reviewkd_jax.torch_reference import reviewkd as torch_ref  # noqa: E402
+from reviewkd_jax.testing import torch_reviewkd as torch_ref  # noqa: E402
 
 
 def numpy_adaptive_pool(x, l):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reviewkd_jax import methods as M
+from reviewkd_jax.distill import base, crd, fitnet, ofd, vid
 from reviewkd_jax.losses import methods as L
 
 RNG = np.random.default_rng(1)
@@ -34,7 +34,7 @@ def test_fitnet_regressor_matches_torch_conv_reg(hs, ht):
   """Each of ConvReg's three branches against PyTorch's layer with the same weights."""
   torch = pytest.importorskip('torch')
   x = _rand(2, hs, hs, 3)
-  reg = M.FitNetRegressor(teacher_channels=5, teacher_size=ht)
+  reg = fitnet.FitNetRegressor(teacher_channels=5, teacher_size=ht)
   variables = reg.init(jax.random.key(0), x, train=False)
   y = jax.jit(functools.partial(reg.apply, train=False))(variables, x)
   assert y.shape == (2, ht, ht, 5)
@@ -57,7 +57,7 @@ def test_fitnet_regressor_matches_torch_conv_reg(hs, ht):
 def test_fitnet_regressor_rejects_impossible_sizes():
   x = jnp.zeros((1, 4, 4, 3))
   with pytest.raises(ValueError):
-    M.FitNetRegressor(5, 16).init(jax.random.key(0), x, train=False)
+    fitnet.FitNetRegressor(5, 16).init(jax.random.key(0), x, train=False)
 
 
 # ------------------------------------------------------------------------------- VID
@@ -65,7 +65,7 @@ def test_fitnet_regressor_rejects_impossible_sizes():
 
 def test_vid_regressor_matches_numpy_and_initial_variance():
   x = _rand(2, 8, 8, 3)
-  reg = M.VIDRegressor(target_channels=6, target_size=4)
+  reg = vid.VIDRegressor(target_channels=6, target_size=4)
   variables = reg.init(jax.random.key(0), x)
   mu, var = jax.jit(reg.apply)(variables, x)
   p = variables['params']
@@ -87,7 +87,7 @@ def test_vid_regressor_matches_numpy_and_initial_variance():
 
 def test_vid_log_scale_gets_gradient():
   x, t = _rand(2, 4, 4, 3), _rand(2, 4, 4, 6)
-  reg = M.VIDRegressor(target_channels=6)
+  reg = vid.VIDRegressor(target_channels=6)
   params = reg.init(jax.random.key(0), x)['params']
 
   def loss(p):
@@ -112,7 +112,7 @@ def _np_update(bank, v, idx, m=0.5):
 
 def test_contrast_memory_scores_z_and_momentum_update():
   n, d, b, k, temp = 40, 8, 4, 6, 0.07
-  mem = M.ContrastMemory(num_data=n, feat_dim=d)
+  mem = crd.ContrastMemory(num_data=n, feat_dim=d)
   v1, v2 = _unit(b, d), _unit(b, d)
   idx = np.array([3, 17, 0, 39])
   cidx = np.concatenate([idx[:, None], RNG.integers(0, n, (b, k))], axis=1)
@@ -158,12 +158,14 @@ def test_contrast_memory_scores_z_and_momentum_update():
 
 def test_memory_bank_survives_checkpoint_round_trips(tmp_path):
   n, d, b = 30, 8, 4
-  head = M.CRDHead(num_data=n, feat_dim=d, num_negatives=5)
+  head = crd.CRDHead(num_data=n, feat_dim=d)
   fs, ft, idx = _rand(b, 6), _rand(b, 10), np.array([1, 2, 3, 4])
-  rngs = {'params': jax.random.key(0), 'negatives': jax.random.key(1)}
-  variables = jax.jit(head.init)(rngs, fs, ft, idx)
-  step = jax.jit(lambda v, key: head.apply(v, fs, ft, idx, rngs={'negatives': key},
-                                           mutable=['memory']))
+
+  def negatives(key):
+    return crd.uniform_contrast_idx(key, idx, num_data=n, num_negatives=5)
+
+  variables = jax.jit(head.init)(jax.random.key(0), fs, ft, idx, negatives(jax.random.key(1)))
+  step = jax.jit(lambda v, key: head.apply(v, fs, ft, idx, negatives(key), mutable=['memory']))
   _, mem = step(variables, jax.random.key(2))
   trained = {'params': variables['params'], 'memory': mem['memory']}
   assert not np.array_equal(trained['memory']['contrast']['memory_v1'],
@@ -187,9 +189,9 @@ def test_memory_bank_survives_checkpoint_round_trips(tmp_path):
 
 def test_crd_head_gradients_and_loss():
   n, b, k = 50, 4, 7
-  head = M.CRDHead(num_data=n, feat_dim=6)
+  head = crd.CRDHead(num_data=n, feat_dim=6)
   fs, ft, idx = _rand(b, 5), _rand(b, 9), np.array([0, 10, 20, 30])
-  cidx = M.uniform_contrast_idx(jax.random.key(5), idx, num_data=n, num_negatives=k)
+  cidx = crd.uniform_contrast_idx(jax.random.key(5), idx, num_data=n, num_negatives=k)
   variables = jax.jit(head.init)(jax.random.key(0), fs, ft, idx, cidx)
   p = variables['params']
   assert p['embed_s']['linear']['kernel'].shape == (5, 6)
@@ -208,13 +210,13 @@ def test_crd_head_gradients_and_loss():
   assert np.abs(gs).max() > 0
   assert np.abs(gt).max() == 0                                  # the teacher net does not
   # Embeddings are unit vectors.
-  emb = jax.jit(M.Embed(6).apply)({'params': p['embed_s']}, fs)
+  emb = jax.jit(crd.Embed(6).apply)({'params': p['embed_s']}, fs)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
 
 
 def test_uniform_sampler():
   idx = jnp.array([5, 6, 7])
-  c = M.uniform_contrast_idx(jax.random.key(0), idx, num_data=20, num_negatives=4000)
+  c = crd.uniform_contrast_idx(jax.random.key(0), idx, num_data=20, num_negatives=4000)
   assert c.shape == (3, 4001)
   np.testing.assert_array_equal(c[:, 0], idx)
   counts = np.bincount(np.asarray(c[:, 1:]).ravel(), minlength=20)
@@ -224,9 +226,9 @@ def test_uniform_sampler():
 def test_other_class_sampler_is_uniform_over_other_classes():
   # Unbalanced, shuffled labels: class 0 x3, class 1 x5, class 2 x2.
   labels = np.array([1, 0, 2, 1, 1, 0, 2, 1, 0, 1])
-  index = M.class_index(labels)
+  index = crd.class_index(labels)
   idx = jnp.array([1, 0, 2, 3])            # classes 0, 1, 2, 1
-  cidx = jax.jit(functools.partial(M.other_class_contrast_idx, num_negatives=6000))(
+  cidx = jax.jit(functools.partial(crd.other_class_contrast_idx, num_negatives=6000))(
       jax.random.key(0), idx, jnp.asarray(labels[np.asarray(idx)]), index)
   cidx = np.asarray(cidx)
   np.testing.assert_array_equal(cidx[:, 0], idx)
@@ -246,7 +248,7 @@ def test_ofd_margin_matches_scipy_truncated_normal():
   stats = pytest.importorskip('scipy.stats')
   scale = np.array([1.0, 0.5, -2.0, 0.3, 1.2, 0.1], np.float32)
   bias = np.array([0.0, 0.7, -1.0, 0.2, 4.0, 0.5], np.float32)
-  got = M.ofd_margin(scale, bias)
+  got = ofd.ofd_margin(scale, bias)
   assert got.dtype == np.float32
   s, m = np.abs(scale.astype(np.float64)), bias.astype(np.float64)
   # E[x | x < 0] for x ~ N(m, s^2), from scipy's truncated normal; -3s where P(x<0)<=1e-3.
@@ -264,12 +266,12 @@ def test_ofd_margin_by_numerical_integration():
   x = np.linspace(-12.0, 0.0, 200001)
   pdf = np.exp(-((x - m) / s) ** 2 / 2)
   want = np.trapezoid(x * pdf, x) / np.trapezoid(pdf, x)
-  np.testing.assert_allclose(M.ofd_margin([s], [m])[0], want, rtol=1e-5)
+  np.testing.assert_allclose(ofd.ofd_margin([s], [m])[0], want, rtol=1e-5)
 
 
 def test_ofd_connector_and_margins_from_params():
   x = _rand(2, 4, 4, 3)
-  conn = M.OFDConnector(teacher_channels=7)
+  conn = ofd.OFDConnector(teacher_channels=7)
   variables = conn.init(jax.random.key(0), x, train=True)
   y, state = conn.apply(variables, x, train=True, mutable=['batch_stats'])
   assert y.shape == (2, 4, 4, 7)
@@ -280,7 +282,7 @@ def test_ofd_connector_and_margins_from_params():
   # Training-mode BN with unit scale and zero shift: per-channel mean 0, variance 1.
   np.testing.assert_allclose(np.asarray(y).mean(axis=(0, 1, 2)), 0, atol=1e-5)
   teacher = {'stage': {'bn': {'scale': np.array([1.0, 2.0]), 'bias': np.array([0.0, 0.0])}}}
-  (margin,) = M.ofd_margins_from_params(teacher, ['stage/bn'])
+  (margin,) = ofd.ofd_margins_from_params(teacher, ['stage/bn'])
   np.testing.assert_allclose(margin, -np.array([1.0, 2.0]) * math.sqrt(2 / math.pi),
                              rtol=1e-6)
 
@@ -290,5 +292,5 @@ def test_ofd_connector_and_margins_from_params():
 
 def test_benchmark_features_order():
   f = {'stem': 's', 'stages': ['a', 'b', 'c'], 'preact': ['pa', 'pb', 'pc'], 'pooled': 'p'}
-  assert M.benchmark_features(f) == ['s', 'a', 'b', 'c', 'p']
-  assert M.benchmark_features(f, preact=True) == ['s', 'pa', 'pb', 'pc', 'p']
+  assert base.benchmark_features(f) == ['s', 'a', 'b', 'c', 'p']
+  assert base.benchmark_features(f, preact=True) == ['s', 'pa', 'pb', 'pc', 'p']

@@ -6,7 +6,7 @@ import pytest
 
 from reviewkd_jax import convert
 from reviewkd_jax.models import create_model
-from reviewkd_jax.torch_reference import imagenet as ref
+from reviewkd_jax.testing import torch_imagenet as ref
 from tests.torch_utils import param_count, randomize, run_parity, torch, torchvision
 
 COVERED_MODELS = ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'mobilenet_v1']
@@ -103,7 +103,8 @@ def test_init_matches_torch_schemes():
     model = create_model(name, num_classes=1000)
     # Drawing ~10M numbers dominates; the 'rbg' generator does it ~2x faster than threefry.
     key = jax.random.key(0, impl='rbg')
-    return jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 3)))['params']
+    init = jax.jit(lambda k, x: model.init(k, x, train=False))
+    return init(key, jnp.zeros((1, 32, 32, 3)))['params']
 
   params = init_params('resnet18')
   kernel = np.asarray(params['layer4_1']['conv2']['kernel'])  # fan_out = 9 * 512

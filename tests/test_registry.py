@@ -5,7 +5,8 @@ import pytest
 
 from reviewkd_jax import models
 
-PARITY_TEST_MODULES = ['tests.test_models_cifar_a', 'tests.test_models_cifar_b',
+PARITY_TEST_MODULES = ['tests.test_models_cifar_resnet_wrn_vgg',
+                       'tests.test_models_cifar_shufflenet_mobilenetv2',
                        'tests.test_models_imagenet']
 
 
@@ -38,7 +39,7 @@ def test_paper_model_names_are_registered():
 
 
 def test_every_registered_model_has_a_pytorch_reference_with_equal_parameter_count():
-  torch_reference = pytest.importorskip('reviewkd_jax.torch_reference')
+  torch_reference = pytest.importorskip('reviewkd_jax.testing')
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reviewkd_jax import convert, losses, reviewkd
+from reviewkd_jax import convert, losses
+from reviewkd_jax.distill import reviewkd
 from reviewkd_jax.models import layers
 
 torch = pytest.importorskip('torch')
 tnn = torch.nn
 F = torch.nn.functional
 from tests import torch_utils  # noqa: E402
-from reviewkd_jax.torch_reference import reviewkd as torch_ref  # noqa: E402
+from reviewkd_jax.testing import torch_reviewkd as torch_ref  # noqa: E402
 
 
 # ---- A tiny two-stage backbone, in both frameworks with the same layer names ----
@@ -41,7 +42,7 @@ class FlaxTiny(nn.Module):
   dtype: object = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, *, train):
     bn = lambda name: layers.batch_norm(train, name=name, dtype=self.dtype)
     x = nn.relu(bn('bn1')(layers.conv(4, 3, name='conv1', dtype=self.dtype)(x)))
     stem = x
@@ -53,7 +54,7 @@ class FlaxTiny(nn.Module):
     f2 = nn.relu(pre2)
     pooled = layers.global_avg_pool(f2)
     logits = layers.linear(self.num_classes, self.width[1], name='fc', dtype=self.dtype)(pooled)
-    return logits, layers.make_features(stem, [f1, f2], [pre1, pre2], pooled)
+    return layers.model_output(logits, stem, [f1, f2], [pre1, pre2], pooled)
 
 
 TEACHER_CHANNELS = (7, 12, 9)  # two maps + pooled, all different from the student's
@@ -67,7 +68,7 @@ def _pair(seed=0):
   f_model = reviewkd.ReviewKDStudent(FlaxTiny(), teacher_channels=TEACHER_CHANNELS,
                                      teacher_sizes=TEACHER_SIZES)
   x = np.random.default_rng(seed).standard_normal((4, 16, 16, 3)).astype(np.float32)
-  template = jax.eval_shape(lambda: f_model.init(jax.random.key(0), x))
+  template = jax.eval_shape(lambda: f_model.init(jax.random.key(0), x, train=False))
   variables = convert.torch_to_flax(t_model.state_dict(), template)
   return t_model, f_model, variables, x
 
@@ -78,7 +79,7 @@ def test_reviewkd_student_matches_authors_wrapper(train):
   t_model.train(train)
   t_out, t_logits = t_model(torch.from_numpy(x.transpose(0, 3, 1, 2)))
   if train:
-    (logits, fused, _), updates = f_model.apply(variables, x, train=True,
+    (logits, _, fused), updates = f_model.apply(variables, x, train=True,
                                                 mutable=['batch_stats'])
     # Running statistics updated exactly as PyTorch's (unbiased variance), incl. the 1x1 level.
     ref = convert.torch_to_flax(t_model.state_dict(), variables)['batch_stats']
@@ -86,7 +87,7 @@ def test_reviewkd_student_matches_authors_wrapper(train):
                     jax.tree_util.tree_leaves(ref)):
       np.testing.assert_allclose(a, b, atol=1e-5)
   else:
-    logits, fused, _ = f_model.apply(variables, x, train=False)
+    logits, _, fused = f_model.apply(variables, x, train=False)
   assert [f.shape for f in fused] == [(4, 16, 16, 7), (4, 4, 4, 12), (4, 1, 1, 9)]
   np.testing.assert_allclose(logits, t_logits.detach().numpy(), atol=1e-4)
   for ours, theirs in zip(fused, t_out):
@@ -131,7 +132,8 @@ def test_mid_channels_derived_and_overridable():
   # Derived: min(512, C of the deepest student level) = 10.
   assert variables['params']['abfs_0']['conv1_0']['kernel'].shape == (1, 1, 10, 10)
   override = f_model.clone(mid_channels=3)
-  v = jax.eval_shape(lambda: override.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  v = jax.eval_shape(lambda: override.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                                  train=False))
   assert v['params']['abfs_2']['conv1_0']['kernel'].shape == (1, 1, 6, 3)
   assert v['params']['abfs_1']['att_conv_0']['kernel'].shape == (1, 1, 6, 2)
   assert 'att_conv_0' not in v['params']['abfs_0']  # the deepest level does not fuse
@@ -140,7 +142,7 @@ def test_mid_channels_derived_and_overridable():
 def test_level_count_mismatch_is_a_clear_error():
   bad = reviewkd.ReviewKDStudent(FlaxTiny(), teacher_channels=(7, 9), teacher_sizes=(16, 1))
   with pytest.raises(ValueError, match='same number of stages'):
-    bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
 
 
 def test_gradients_reach_student_and_abfs_never_teacher():
@@ -149,12 +151,12 @@ def test_gradients_reach_student_and_abfs_never_teacher():
   teacher = FlaxTiny(width=(7, 9))
   # The teacher's review levels must match the ABF outputs: give it matching sizes.
   student = student.clone(teacher_channels=(7, 9, 9), teacher_sizes=(8, 4, 1))
-  s_vars = student.init(jax.random.key(1), x)
-  t_vars = teacher.init(jax.random.key(2), x)
+  s_vars = student.init(jax.random.key(1), x, train=False)
+  t_vars = teacher.init(jax.random.key(2), x, train=False)
   labels = jnp.arange(4) % 5
 
   def loss_fn(s_params, t_params):
-    (logits, fused, _), _ = student.apply({**s_vars, 'params': s_params}, x, train=True,
+    (logits, _, fused), _ = student.apply({**s_vars, 'params': s_params}, x, train=True,
                                           mutable=['batch_stats'])
     _, t_feats = teacher.apply({**t_vars, 'params': t_params}, x, train=False)
     t_levels = jax.lax.stop_gradient(reviewkd.review_features(t_feats, 'preact'))

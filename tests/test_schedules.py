@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from reviewkd_jax.distill import base
 from reviewkd_jax.train import schedules
 from reviewkd_jax.train import state as state_lib
 
@@ -39,11 +40,11 @@ def test_lr_decay_epochs_must_increase():
 @pytest.mark.parametrize('epoch,expected', [(0, 0.0), (1, 0.05), (10, 0.5), (19, 0.95),
                                             (20, 1.0), (239, 1.0)])
 def test_lambda_warmup_is_min_1_epoch_over_20(epoch, expected):
-  assert float(schedules.warmup_factor(epoch, 20)) == pytest.approx(expected)
+  assert float(base.warmup_factor(epoch, 20)) == pytest.approx(expected)
 
 
 def test_lambda_is_constant_within_an_epoch_and_traced():
-  factor = jax.jit(lambda step: schedules.warmup_factor(schedules.epoch_of(step, SPE), 20))
+  factor = jax.jit(lambda step: base.warmup_factor(schedules.epoch_of(step, SPE), 20))
   values = [float(factor(jnp.int32(s))) for s in range(5 * SPE, 6 * SPE)]
   assert values == [0.25] * SPE
   assert float(factor(jnp.int32(6 * SPE))) == pytest.approx(0.3)
@@ -51,7 +52,7 @@ def test_lambda_is_constant_within_an_epoch_and_traced():
 
 
 def test_no_warmup_is_one():
-  assert float(schedules.warmup_factor(0, 0)) == 1.0
+  assert float(base.warmup_factor(0, 0)) == 1.0
 
 
 @pytest.mark.parametrize('nesterov', [True, False])

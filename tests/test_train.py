@@ -5,45 +5,29 @@ epoch) but go through everything a real run does: the input pipeline, the jitted
 step, evaluation with padding, orbax checkpoints, the labelled best/final models, resuming,
 TensorBoard files.
 """
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+from reviewkd_jax import convert
+from reviewkd_jax import distill
+from reviewkd_jax.models import create_model
+from reviewkd_jax.train import checkpoint as checkpoint_lib
+from reviewkd_jax.train import progress
+from reviewkd_jax.train import state as state_lib
+from reviewkd_jax.train import teacher as teacher_lib
+from reviewkd_jax.train import train_and_evaluate, train_suite
+from tests.helpers import NUM_MOCK_EXAMPLES as NUM_EXAMPLES
+from tests.helpers import ONE_DEVICE
+from tests.helpers import tiny_config as _tiny
 
-from configs import default  # noqa: E402
-from reviewkd_jax import convert  # noqa: E402
-from reviewkd_jax.models import create_model  # noqa: E402
-from reviewkd_jax.train import checkpoint as checkpoint_lib  # noqa: E402
-from reviewkd_jax.train import methods as methods_lib  # noqa: E402
-from reviewkd_jax.train import progress  # noqa: E402
-from reviewkd_jax.train import state as state_lib  # noqa: E402
-from reviewkd_jax.train import teacher as teacher_lib  # noqa: E402
-from reviewkd_jax.train import train_and_evaluate  # noqa: E402
-
-NUM_EXAMPLES = 56  # every mock split: 3 training steps of 16, 4 eval batches (8 padded)
-ONE_DEVICE = jax.devices()[:1]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('mock_cifar100')]
 # 1 vs 8 devices differ only in the order of float reductions (BatchNorm statistics are over
 # the global batch either way): per-step losses agree to this relative tolerance.
 LOSS_RTOL_1_VS_8 = 1e-4
-
-
-def _tiny(**fields):
-  config = default.get_config()
-  config.update(dataset='cifar100', model='resnet8', batch_size=16, eval_batch_size=16,
-                num_epochs=2, learning_rate=0.05, base_batch_size=16, lr_decay_epochs=(1,),
-                log_every_steps=1, keep_checkpoints=2, prefetch_batches=1)
-  config.update(fields)
-  return config
 
 
 def _reviewkd(teacher_workdir, **fields):
@@ -52,21 +36,16 @@ def _reviewkd(teacher_workdir, **fields):
                kd_weight=0.5, **fields)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def mock_cifar():
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    yield
-
-
 @pytest.fixture(scope='module')
-def suite(tmp_path_factory):
+def suite(tmp_path_factory, mock_cifar100):
   """The teacher baseline, then ReviewKD from it: a suite like the digits demo."""
+  del mock_cifar100
   workdir = tmp_path_factory.mktemp('suite')
   config = ml_collections.ConfigDict({
       'runs': {'teacher': _tiny(num_epochs=1),
                'reviewkd': _reviewkd('{workdir}/teacher')},
       'run_order': ('teacher', 'reviewkd')})
-  results = train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
+  results = train_suite(config, str(workdir), devices=ONE_DEVICE)
   return workdir, results
 
 
@@ -166,12 +145,12 @@ def test_resuming_with_other_settings_is_refused(suite):
 @pytest.fixture
 def nan_method():
   """A method whose loss turns NaN in epoch 1, registered through the extension point."""
-  alone = methods_lib.get_method('none')
-  methods_lib.register_method(methods_lib.Method(
+  alone = distill.get_method('none')
+  distill.register_method(distill.Method(
       name='nan_in_epoch_1', uses_teacher=False, build=alone.build,
       loss_terms=lambda ctx: ({'bad': jnp.where(ctx.epoch >= 1, jnp.nan, 0.0)}, {})))
   yield 'nan_in_epoch_1'
-  methods_lib._METHODS.pop('nan_in_epoch_1')  # pylint: disable=protected-access
+  distill.base._METHODS.pop('nan_in_epoch_1')  # pylint: disable=protected-access
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(nan_method, tmp_path):

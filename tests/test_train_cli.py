@@ -1,10 +1,13 @@
 """main.py as a user runs it: an ImageNet config on a machine without ImageNet."""
 import os
-import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses of main.py
 
 
 def test_imagenet_config_without_data_says_what_to_do(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
-from reviewkd_jax.torch_reference import torchvision  # noqa: E402,F401  (re-export)
+from reviewkd_jax.testing import torchvision  # noqa: E402,F401  (re-export)
 
 
 def randomize(module, seed: int = 0, calibrate=None):

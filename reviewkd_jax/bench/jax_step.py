@@ -1,9 +1,9 @@
 """The real train step of a config, on synthetic on-device batches: compile, time, memory, FLOPs.
 
-Everything is built the way `train.trainer` builds it (the method's modules, PyTorch-style
-SGD, `create_train_state`, `make_train_step` with its shardings and donation); only the data
-(random uint8 images and labels, already on the device) and the teacher's weights (random)
-are synthetic, neither of which changes the cost of a step.
+Everything is built by the trainer's own `train.setup.build_run` (the method's modules,
+PyTorch-style SGD, the train state, the jitted step with its shardings and donation); only
+the data (random uint8 images and labels, already on the device) and the teacher's weights
+(random) are synthetic, neither of which changes the cost of a step.
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ import numpy as np
 
 from reviewkd_jax import data
 from reviewkd_jax.bench import hardware
-from reviewkd_jax.train import methods as methods_lib
+from reviewkd_jax.train import setup as setup_lib
 from reviewkd_jax.train import state as state_lib
-from reviewkd_jax.train import step as step_lib
-from reviewkd_jax.train import trainer
 
 
 @dataclasses.dataclass
@@ -53,28 +51,17 @@ def synthetic_batch(spec: data.DatasetSpec, batch_size: int, seed: int = 0) -> d
 def build(config: ml_collections.ConfigDict, *, steps_per_epoch: int, seed: int = 0,
           devices=None) -> JaxStep:
   """Returns the config's train step, a fresh state, random teacher weights and a batch."""
-  method = trainer.check_config(config)
   mesh = state_lib.make_mesh(devices)
-  if config.batch_size % mesh.size:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by the {mesh.size} '
-                     'devices of the mesh.')
   spec = data.get_spec(config.dataset)
-  dtype = trainer.DTYPES[config.dtype]
-  model, teacher = method.build(config, spec, dtype)
-  tx, lr_schedule = state_lib.make_optimizer(config, steps_per_epoch)
-  state = state_lib.create_train_state(model, tx, seed=config.seed,
-                                       input_shape=spec.image_shape, mesh=mesh)
+  run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=steps_per_epoch)
   teacher_variables = None
-  if teacher is not None:
-    teacher_variables = jax.device_put(random_variables(teacher, spec.image_shape, seed + 1),
-                                       state_lib.replicated(mesh))
-  train_step = step_lib.make_train_step(
-      model=model, teacher=teacher, method=method, config=config, tx=tx,
-      lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch, spec=spec, mesh=mesh)
+  if run.teacher is not None:
+    teacher_variables = jax.device_put(
+        random_variables(run.teacher, spec.image_shape, seed + 1), state_lib.replicated(mesh))
   host_batch = synthetic_batch(spec, config.batch_size, seed)
   batch = jax.device_put(host_batch, state_lib.batch_sharded(mesh))
-  return JaxStep(config, spec, mesh, model, teacher, train_step, state, teacher_variables,
-                 batch, host_batch, steps_per_epoch)
+  return JaxStep(config, spec, mesh, run.model, run.teacher, run.train_step(), run.init_state(),
+                 teacher_variables, batch, host_batch, steps_per_epoch)
 
 
 def random_variables(module, image_shape: tuple[int, ...], seed: int) -> dict:

@@ -1,6 +1,6 @@
 """The same distillation step in PyTorch, written the way the authors' training loop runs it.
 
-The pair comes from `reviewkd_jax.torch_reference` (the CRD/torchvision backbones and the
+The pair comes from `reviewkd_jax.testing` (the CRD/torchvision backbones and the
 authors' `ABF`, `ReviewKD` wrapper and `hcl`), loaded with the JAX side's initial weights, so
 the first step's losses of both frameworks can be compared. One step is the authors' loop
 body: teacher forward under `no_grad` (train mode when the config keeps the teacher's BN in
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from reviewkd_jax import convert
-from reviewkd_jax import torch_reference
-from reviewkd_jax.torch_reference import reviewkd as authors
+from reviewkd_jax import testing as torch_reference
+from reviewkd_jax.testing import torch_reviewkd as authors
 
 
 class _Backbone(torch.nn.Module):
@@ -55,7 +55,7 @@ def _resnet_forward_once(model, x):
 
 
 def _residual_sum(block, x):
-  from reviewkd_jax.torch_reference import imagenet  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.testing import torch_imagenet as imagenet  # pylint: disable=g-import-not-at-top
   return imagenet._residual_sum(block, x)  # pylint: disable=protected-access
 
 

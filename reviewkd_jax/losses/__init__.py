@@ -33,7 +33,8 @@ the student side first, applies `stop_gradient` to the teacher side, and include
   Knowledge Distillation", CVPR 2022.
 
 The trainable pieces some methods need (FitNet's regressor, VID's regressor, CRD's heads and
-memory bank, OFD's connector and margins) are linen modules in `reviewkd_jax.methods`.
+memory bank, OFD's connector and margins) are linen modules in `reviewkd_jax.distill`,
+one module per method.
 """
 from reviewkd_jax.losses.logits import cross_entropy, kd_loss
 from reviewkd_jax.losses.methods import (at_loss, attention_map, crd_loss, dkd_loss,

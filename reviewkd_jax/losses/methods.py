@@ -7,12 +7,12 @@ its weight (the benchmark's `-b`), so a train step adds `CE + loss(...)`. The te
 always passes through `stop_gradient`.
 
 Features are NHWC maps or (N, D) embeddings. In the CRD benchmark the feature list is
-`feat = [stem, *stages, pooled]` (`reviewkd_jax.methods.benchmark_features`): FitNet uses
+`feat = [stem, *stages, pooled]` (`reviewkd_jax.distill.base.benchmark_features`): FitNet uses
 `feat[2]`, AT and VID `feat[1:-1]`, PKT, RKD and CRD `feat[-1]`; OFD uses the stages'
 pre-ReLU maps (`features['preact']`).
 
 The trainable parts (FitNet's regressor, VID's regressor and variance, CRD's embeddings and
-memory bank, OFD's connectors and margins) are linen modules in `reviewkd_jax.methods`.
+memory bank, OFD's connectors and margins) are linen modules in `reviewkd_jax.distill`.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ class ResidualBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-  """CRD's CIFAR ResNet skeleton (3x3 stem, no max pool); returns `(logits, features)`."""
+  """CRD's CIFAR ResNet skeleton (3x3 stem, no max pool); returns a `ModelOutput`."""
   stage_sizes: Sequence[int]
   widths: Sequence[int]
   stem_width: int
@@ -66,7 +66,7 @@ class CifarResNet(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     """Returns `(logits, features)`; `preact` holds each stage's last pre-ReLU residual sum."""
     x = layers.conv(self.stem_width, 3, name='conv1', dtype=self.dtype)(x)
     x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
@@ -85,7 +85,7 @@ class CifarResNet(nn.Module):
     pooled = layers.global_avg_pool(x)
     logits = layers.linear(self.num_classes, x.shape[-1], name=self.classifier_name,
                            dtype=self.dtype)(pooled)
-    return logits, layers.make_features(stem, stages, preact, pooled)
+    return layers.model_output(logits, stem, stages, preact, pooled)
 
 
 def _crd_resnet(depth: int, filters: tuple[int, int, int, int], doc: str):

@@ -24,18 +24,17 @@ from reviewkd_jax.models.registry import register_model
 
 # torchvision's BasicBlock and v1.5 Bottleneck (stride on the 3x3 conv) are the same blocks as
 # CRD's CIFAR ones, with the same `downsample` shortcut: one implementation serves both.
-_BASIC, _BOTTLENECK = BASIC, BOTTLENECK
 
 
 class ImageNetResNet(nn.Module):
-  """torchvision's ResNet; returns `(logits, features)`."""
+  """torchvision's ResNet; returns a `ModelOutput`."""
   stage_sizes: Sequence[int]
   branch: Sequence[tuple[int, bool, int]]
   num_classes: int = 1000
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     x = layers.conv(64, 7, stride=2, padding=3, name='conv1', dtype=self.dtype)(x)
     x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
     x = layers.max_pool(x, 3, 2, padding=1)
@@ -50,28 +49,28 @@ class ImageNetResNet(nn.Module):
       stages.append(x)
     pooled = layers.global_avg_pool(x)
     logits = layers.linear(self.num_classes, x.shape[-1], name='fc', dtype=self.dtype)(pooled)
-    return logits, layers.make_features(stem, stages, preact, pooled)
+    return layers.model_output(logits, stem, stages, preact, pooled)
 
 
 @register_model('resnet18')
 def resnet18(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
   """Returns torchvision's ResNet-18 (BasicBlocks 2-2-2-2)."""
-  return ImageNetResNet((2, 2, 2, 2), _BASIC, num_classes=num_classes, dtype=dtype, **kw)
+  return ImageNetResNet((2, 2, 2, 2), BASIC, num_classes=num_classes, dtype=dtype, **kw)
 
 
 @register_model('resnet34')
 def resnet34(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
   """Returns torchvision's ResNet-34 (BasicBlocks 3-4-6-3)."""
-  return ImageNetResNet((3, 4, 6, 3), _BASIC, num_classes=num_classes, dtype=dtype, **kw)
+  return ImageNetResNet((3, 4, 6, 3), BASIC, num_classes=num_classes, dtype=dtype, **kw)
 
 
 @register_model('resnet50')
 def resnet50(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
   """Returns torchvision's ResNet-50 (Bottlenecks 3-4-6-3)."""
-  return ImageNetResNet((3, 4, 6, 3), _BOTTLENECK, num_classes=num_classes, dtype=dtype, **kw)
+  return ImageNetResNet((3, 4, 6, 3), BOTTLENECK, num_classes=num_classes, dtype=dtype, **kw)
 
 
 @register_model('resnet101')
 def resnet101(num_classes: int = 1000, dtype=jnp.float32, **kw) -> nn.Module:
   """Returns torchvision's ResNet-101 (Bottlenecks 3-4-23-3)."""
-  return ImageNetResNet((3, 4, 23, 3), _BOTTLENECK, num_classes=num_classes, dtype=dtype, **kw)
+  return ImageNetResNet((3, 4, 23, 3), BOTTLENECK, num_classes=num_classes, dtype=dtype, **kw)

@@ -6,7 +6,7 @@ inputs XLA's 'SAME' pads (0, 1) where PyTorch pads (1, 1), which changes every o
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -126,6 +126,13 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
 
 
-def make_features(stem, stages, preact, pooled) -> dict:
-  """Returns the features dict every backbone returns (see `reviewkd_jax.models`)."""
-  return {'stem': stem, 'stages': list(stages), 'preact': list(preact), 'pooled': pooled}
+class ModelOutput(NamedTuple):
+  """What every backbone returns: `logits` (N, classes) and `features` (see `models`)."""
+  logits: jax.Array
+  features: dict
+
+
+def model_output(logits, stem, stages, preact, pooled) -> ModelOutput:
+  """Returns a backbone's `ModelOutput` with its features dict (see `reviewkd_jax.models`)."""
+  return ModelOutput(logits, {'stem': stem, 'stages': list(stages), 'preact': list(preact),
+                              'pooled': pooled})

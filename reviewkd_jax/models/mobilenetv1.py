@@ -27,12 +27,12 @@ _FEATURE_BLOCKS = (3, 5, 11, 13)
 
 
 class MobileNetV1(nn.Module):
-  """The authors' ImageNet MobileNet; returns `(logits, features)`."""
+  """The authors' ImageNet MobileNet; returns a `ModelOutput`."""
   num_classes: int = 1000
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
 
     def conv_bn(x, block: int, first: int, features: int, kernel: int, stride: int,
                 groups: int = 1):
@@ -54,7 +54,7 @@ class MobileNetV1(nn.Module):
         stages.append(x)
     pooled = layers.global_avg_pool(x)
     logits = layers.linear(self.num_classes, x.shape[-1], name='fc', dtype=self.dtype)(pooled)
-    return logits, layers.make_features(stem, stages, preact, pooled)
+    return layers.model_output(logits, stem, stages, preact, pooled)
 
 
 @register_model('mobilenet_v1')

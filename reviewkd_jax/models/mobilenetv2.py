@@ -50,7 +50,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-  """CRD's CIFAR MobileNetV2; returns `(logits, features)` (see `reviewkd_jax.models`).
+  """CRD's CIFAR MobileNetV2; returns a `ModelOutput` (see `reviewkd_jax.models`).
 
   The features are the outputs of block groups `feature_blocks` (CRD's f1..f4). These blocks
   end in a linear projection with no activation, so `stages` and `preact` are the same arrays,
@@ -63,7 +63,7 @@ class MobileNetV2(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     x = x.astype(self.dtype)
     conv = functools.partial(_conv, dtype=self.dtype)
     bn = lambda name: layers.batch_norm(train, name=name, dtype=self.dtype)  # noqa: E731
@@ -85,7 +85,7 @@ class MobileNetV2(nn.Module):
     logits = layers.linear(self.num_classes, last, name='classifier_0', dtype=self.dtype,
                            kernel_init=nn.initializers.normal(0.01),
                            bias_init=nn.initializers.zeros)(pooled)
-    return logits, layers.make_features(stem, stages, stages, pooled)
+    return layers.model_output(logits, stem, stages, stages, pooled)
 
 
 @register_model('MobileNetV2')

@@ -64,7 +64,7 @@ class Bottleneck(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-  """CRD's CIFAR ShuffleNetV1; returns `(logits, features)` (see `reviewkd_jax.models`)."""
+  """CRD's CIFAR ShuffleNetV1; returns a `ModelOutput` (see `reviewkd_jax.models`)."""
   out_planes: Sequence[int] = (240, 480, 960)
   num_blocks: Sequence[int] = (4, 8, 4)
   groups: int = 3
@@ -72,7 +72,7 @@ class ShuffleNetV1(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     x = x.astype(self.dtype)
     out = shuffle_stem(x, train, self.dtype)
     stem = out
@@ -95,7 +95,7 @@ class ShuffleNetV1(nn.Module):
     pooled = layers.global_avg_pool(out)
     logits = layers.linear(self.num_classes, self.out_planes[-1], name='linear',
                            dtype=self.dtype)(pooled)
-    return logits, layers.make_features(stem, stages, preacts, pooled)
+    return layers.model_output(logits, stem, stages, preacts, pooled)
 
 
 @register_model('ShuffleV1')

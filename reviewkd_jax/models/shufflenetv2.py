@@ -62,14 +62,14 @@ class DownBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-  """CRD's CIFAR ShuffleNetV2; returns `(logits, features)` (see `reviewkd_jax.models`)."""
+  """CRD's CIFAR ShuffleNetV2; returns a `ModelOutput` (see `reviewkd_jax.models`)."""
   out_channels: Sequence[int] = (116, 232, 464, 1024)  # three stages, then the last 1x1 conv
   num_blocks: Sequence[int] = (3, 7, 3)  # BasicBlocks per stage, after its DownBlock
   num_classes: int = 100
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     x = x.astype(self.dtype)
     out = shuffle_stem(x, train, self.dtype)
     stem = out
@@ -86,7 +86,7 @@ class ShuffleNetV2(nn.Module):
     # CRD's F.avg_pool2d(out, 4) on the 4x4 map of a 32x32 input: a global average.
     pooled = layers.global_avg_pool(out)
     logits = layers.linear(self.num_classes, last, name='linear', dtype=self.dtype)(pooled)
-    return logits, layers.make_features(stem, stages, preacts, pooled)
+    return layers.model_output(logits, stem, stages, preacts, pooled)
 
 
 @register_model('ShuffleV2')

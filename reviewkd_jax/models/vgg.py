@@ -32,13 +32,13 @@ _CFGS = {
 
 
 class VGG(nn.Module):
-  """CRD's CIFAR VGG with BatchNorm; returns `(logits, features)`."""
+  """CRD's CIFAR VGG with BatchNorm; returns a `ModelOutput`."""
   cfg: Sequence[Sequence[int]]
   num_classes: int = 100
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     """Returns `(logits, features)`; `preact` holds each block's output before its ReLU."""
     pool_before_last = x.shape[1] == 64  # CRD's `if h == 64: x = self.pool3(x)`
     preact, post = [], []
@@ -60,7 +60,7 @@ class VGG(nn.Module):
     logits = layers.linear(self.num_classes, x.shape[-1], name='classifier', dtype=self.dtype,
                            kernel_init=nn.initializers.normal(0.01),
                            bias_init=nn.initializers.zeros)(pooled)
-    return logits, layers.make_features(post[0], post[1:], preact[1:], pooled)
+    return layers.model_output(logits, post[0], post[1:], preact[1:], pooled)
 
 
 def _crd_vgg(name: str):

@@ -68,14 +68,14 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-  """CRD's WideResNet(depth, widen_factor) without dropout; returns `(logits, features)`."""
+  """CRD's WideResNet(depth, widen_factor) without dropout; returns a `ModelOutput`."""
   depth: int
   widen_factor: int
   num_classes: int = 100
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool):
+  def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
     """Returns `(logits, features)` with the WRN feature conventions of the module doc."""
     if (self.depth - 4) % 6:
       raise ValueError(f'WideResNet depth must be 6n+4, got {self.depth}')
@@ -96,7 +96,7 @@ class WideResNet(nn.Module):
     # CRD zeroes the Linear bias and leaves its weight at PyTorch's default init.
     logits = layers.linear(self.num_classes, x.shape[-1], name='fc', dtype=self.dtype,
                            bias_init=nn.initializers.zeros)(pooled)
-    return logits, layers.make_features(stem, stages, preact, pooled)
+    return layers.model_output(logits, stem, stages, preact, pooled)
 
 
 def _crd_wrn(depth: int, widen_factor: int):

@@ -1,20 +1,23 @@
 """The training system: `train_and_evaluate(config, workdir)` and its parts.
 
-- `trainer`: the run (data, teacher, loop, evaluation, checkpoints, logs) and config checks.
-- `methods`: training methods by name (`config.method`): 'none', 'reviewkd'; the extension
-  point for other distillation methods.
-- `comparison_methods`: the paper's comparison methods (kd, fitnet, at, pkt, rkd, crd, vid,
-  ofd, dkd) registered through that extension point.
+- `trainer`: one run, top to bottom (resume, teacher, loop, evaluation, checkpoints, logs).
+- `suite`: several runs of one config in order (the offline demo).
+- `setup`: one run's setup from its config (method, modules, optimizer, state, steps), shared
+  by the trainer, the benchmark and the tests; the config checks.
 - `step`: the jitted train and eval steps over a device mesh.
 - `state`: TrainState, PyTorch-style SGD, the mesh and shardings.
-- `schedules`: the epoch-based learning rate and loss-weight warm-up.
+- `schedules`: the epoch-based learning rate.
 - `checkpoint`: orbax checkpoints for resuming and the labelled best/final models.
 - `teacher`: loading a frozen teacher from PyTorch or from this project's checkpoints.
 - `progress`: metric logging with steps/s, images/s, ETA and the NaN check.
-"""
-from reviewkd_jax.train.methods import (LossContext, Method, get_method, list_methods,
-                                        register_method)
-from reviewkd_jax.train.trainer import RunResult, check_config, train_and_evaluate
 
-__all__ = ['LossContext', 'Method', 'RunResult', 'check_config', 'get_method', 'list_methods',
-           'register_method', 'train_and_evaluate']
+The methods themselves (what a method adds to the student and its loss) are
+`reviewkd_jax.distill`.
+"""
+from reviewkd_jax.distill import get_method, list_methods
+from reviewkd_jax.train.setup import RunSetup, build_run, check_config
+from reviewkd_jax.train.suite import is_suite, train_suite
+from reviewkd_jax.train.trainer import RunResult, train_and_evaluate
+
+__all__ = ['RunResult', 'RunSetup', 'build_run', 'check_config', 'get_method', 'is_suite',
+           'list_methods', 'train_and_evaluate', 'train_suite']

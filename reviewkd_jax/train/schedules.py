@@ -1,9 +1,11 @@
-"""Epoch-based schedules as functions of the global step (traced: no recompilation)."""
+"""The learning-rate schedule and the step -> epoch map (traced: no recompilation).
+
+Loss-weight warm-ups belong to the methods: `distill.base.warmup_factor`.
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
-import jax.numpy as jnp
 import optax
 
 
@@ -25,9 +27,3 @@ def epoch_of(step, steps_per_epoch: int):
   """Returns the 0-based epoch that global `step` (0-based) belongs to."""
   return step // steps_per_epoch
 
-
-def warmup_factor(epoch, warmup_epochs: float):
-  """Returns `min(1, epoch / warmup_epochs)` (1 when `warmup_epochs` is 0), constant per epoch."""
-  if not warmup_epochs:
-    return jnp.ones((), jnp.float32)
-  return jnp.minimum(1.0, jnp.asarray(epoch, jnp.float32) / warmup_epochs)

@@ -11,9 +11,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from reviewkd_jax import distill
 from reviewkd_jax import losses
 from reviewkd_jax.data import DatasetSpec, InputPipeline, to_global_arrays
-from reviewkd_jax.train import methods as methods_lib
+from reviewkd_jax.models import ModelOutput
 from reviewkd_jax.train import schedules
 from reviewkd_jax.train.state import TrainState, batch_sharded, replicated
 
@@ -34,8 +35,9 @@ def _correct_topk(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.int32)
 
 
-def run_teacher(teacher: nn.Module, variables: Any, images: jax.Array, bn_mode: str):
-  """Returns the frozen teacher's (logits, features), with no gradient.
+def run_teacher(teacher: nn.Module, variables: Any, images: jax.Array,
+                bn_mode: str) -> ModelOutput:
+  """Returns the frozen teacher's output (logits, features), with no gradient.
 
   `bn_mode='batch_stats'` normalises with the batch's statistics (the authors' CIFAR script
   never calls `teacher.eval()`); the running statistics are never updated.
@@ -50,7 +52,7 @@ def run_teacher(teacher: nn.Module, variables: Any, images: jax.Array, bn_mode: 
 
 
 def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
-                    method: methods_lib.Method, config: ml_collections.ConfigDict,
+                    method: distill.Method, config: ml_collections.ConfigDict,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     steps_per_epoch: int, spec: DatasetSpec, mesh: Mesh,
                     constants: Any = None):
@@ -71,7 +73,7 @@ def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
     teacher_out = None
     if teacher is not None:
       teacher_out = run_teacher(teacher, teacher_variables, images, config.teacher_bn_mode)
-    ctx = methods_lib.LossContext(
+    ctx = distill.LossContext(
         config=config, student_out=None, teacher_out=teacher_out, images=images, batch=batch,
         epoch=epoch, rng=loss_rng, constants=constants)
     apply_kwargs = method.apply_kwargs(ctx)
@@ -82,10 +84,10 @@ def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
       result = model.apply(variables, images, train=True, mutable=mutable or False,
                            rngs={'dropout': dropout_rng}, **apply_kwargs)
       out, new_model_state = result if mutable else (result, {})
-      logits = out[0].astype(jnp.float32)
+      logits = out.logits.astype(jnp.float32)
       terms, logs = method.loss_terms(dataclasses.replace(ctx, student_out=out))
       terms = {'ce': config.ce_weight * losses.cross_entropy(logits, labels), **terms}
-      return methods_lib.total_loss(terms), (terms, logs, logits, new_model_state)
+      return distill.base.total_loss(terms), (terms, logs, logits, new_model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (terms, logs, logits, new_model_state)), grads = grad_fn(state.params)
@@ -117,7 +119,7 @@ def make_eval_step(module: nn.Module, spec: DatasetSpec, mesh: Mesh):
   """
 
   def eval_step(variables, batch):
-    logits = module.apply(variables, normalize(batch['image'], spec), train=False)[0]
+    logits = module.apply(variables, normalize(batch['image'], spec), train=False).logits
     logits = logits.astype(jnp.float32)
     labels, mask = batch['label'], batch['mask']
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -1,10 +1,16 @@
-"""FitNet's regressor: the student's hint feature mapped to the teacher's shape."""
+"""'fitnet': FitNets (Romero et al., ICLR 2015) as the CRD benchmark runs it: a trained
+regressor maps the student's hint feature `feat[fitnet_hint_layer]` (2: the second stage's
+output, on `feat = [stem, *stages, pooled]`) to the teacher's, in one stage together with CE
+(RepDistiller's `hint`); `losses.fitnet_loss`, weight `fitnet_weight` (100).
+"""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reviewkd_jax import losses
+from reviewkd_jax.distill import base
 from reviewkd_jax.models import layers
 
 # torch.nn.ConvTranspose2d stores (in, out, k, k) and takes fan_in from dim 1 (= out * k * k),
@@ -52,3 +58,38 @@ class FitNetRegressor(nn.Module):
                        f'size {ht}')
     y = layers.batch_norm(train, name='bn', dtype=self.dtype)(y)
     return nn.relu(y) if self.use_relu else y
+
+
+class FitNetHead(nn.Module):
+  """FitNet's regressor applied to the student's hint feature `feat[hint_layer]`."""
+  hint_layer: int
+  teacher_channels: int
+  teacher_size: int
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: dict, train: bool) -> jax.Array:
+    """Returns the regressed hint, shaped like the teacher's."""
+    hint = base.benchmark_features(features)[self.hint_layer]
+    return FitNetRegressor(self.teacher_channels, self.teacher_size, dtype=self.dtype,
+                           name='regressor')(hint, train)
+
+
+def _head(config, spec, dtype, student, teacher):
+  del spec
+  num_maps = len(student['stages']) + 1
+  if not 0 <= config.fitnet_hint_layer < num_maps:
+    raise ValueError(f'config.fitnet_hint_layer={config.fitnet_hint_layer} must index a map '
+                     f'of [stem, *stages]: 0..{num_maps - 1} for {config.model}.')
+  hint = base.benchmark_features(teacher)[config.fitnet_hint_layer]
+  return FitNetHead(config.fitnet_hint_layer, hint.shape[-1], hint.shape[1], dtype=dtype)
+
+
+def _terms(ctx: base.LossContext):
+  c = ctx.config
+  target = base.benchmark_features(ctx.teacher_out.features)[c.fitnet_hint_layer]
+  return {'fitnet': losses.fitnet_loss(ctx.student_out.head, target,
+                                       weight=c.fitnet_weight)}, {}
+
+
+base.register_head_method('fitnet', _head, _terms)

@@ -9,7 +9,8 @@ import pytest
 from flax import traverse_util
 
 import torch_utils  # skips this module when PyTorch is missing
-from reviewkd_jax.torch_reference.cifar_b import REFERENCES, shuffle as torch_shuffle
+from reviewkd_jax.testing.torch_cifar_shufflenet_mobilenetv2 import REFERENCES
+from reviewkd_jax.testing.torch_cifar_shufflenet_mobilenetv2 import shuffle as torch_shuffle
 from reviewkd_jax import convert
 from reviewkd_jax.models import create_model, list_models
 from reviewkd_jax.models.shufflenetv1 import channel_shuffle

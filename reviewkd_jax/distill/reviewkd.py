@@ -1,10 +1,13 @@
-"""ABF and the ReviewKD student: a backbone plus the attention-based fusion stack.
+"""ReviewKD (Chen et al., CVPR 2021): the ABF fusion stack, the student that carries it, and
+the training method 'reviewkd' (CE + lambda * warm-up * HCL).
 
 The student's features, deepest first, pass through one ABF each. Every ABF but the deepest
 fuses its own (transformed) student feature with the residual coming from the next deeper
 level, so each teacher feature is supervised by the student's features at its level and all
 deeper ones (the "review"). All channel counts and sizes are read from the two networks'
 feature shapes; `mid_channels` is the only knob that the paper sets by hand (ImageNet).
+The loss is the pure function `losses.hcl`; docs/reviewkd.md describes every piece and the
+feature kinds each paper config distils.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reviewkd_jax import losses
+from reviewkd_jax.distill import base
 from reviewkd_jax.models import create_model
 from reviewkd_jax.models import layers
 
@@ -89,7 +94,8 @@ def review_features(features: dict, kind: str) -> list[jax.Array]:
 
 
 class ReviewKDStudent(nn.Module):
-  """A backbone plus its ABF stack; returns (logits, fused features shallow->deep, features).
+  """A backbone plus its ABF stack; returns `DistillOutput(logits, features, head)` with
+  `head` the fused (ABF output) levels, shallow to deep.
 
   Attributes:
     student: the backbone (any registered model).
@@ -108,7 +114,7 @@ class ReviewKDStudent(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool) -> base.DistillOutput:
     logits, feats = self.student(x, train=train)
     levels = review_features(feats, self.student_features)
     if len(levels) != len(self.teacher_channels) or len(levels) != len(self.teacher_sizes):
@@ -125,7 +131,7 @@ class ReviewKDStudent(nn.Module):
                 name=f'abfs_{i}')
       fused[level], residual = abf(levels[level], residual,
                                    out_size=self.teacher_sizes[level], train=train)
-    return logits, fused, feats
+    return base.DistillOutput(logits, feats, fused)
 
 
 def feature_spec(model: nn.Module, input_shape: Sequence[int], kind: str
@@ -135,7 +141,7 @@ def feature_spec(model: nn.Module, input_shape: Sequence[int], kind: str
   def run():
     x = jnp.zeros(input_shape, jnp.float32)
     variables = model.init(jax.random.key(0), x, train=False)
-    return review_features(model.apply(variables, x, train=False)[1], kind)
+    return review_features(model.apply(variables, x, train=False).features, kind)
 
   levels = jax.eval_shape(run)
   return [int(l.shape[-1]) for l in levels], [(int(l.shape[1]), int(l.shape[2])) for l in levels]
@@ -153,3 +159,33 @@ def build_reviewkd(student_name: str, teacher_name: str, *, num_classes: int, im
       teacher_channels=tuple(channels), teacher_sizes=tuple(sizes), mid_channels=mid_channels,
       student_features=student_features, dtype=dtype)
   return student, teacher
+
+
+# --- The training method ---------------------------------------------------------------------
+
+def _build(config, spec, dtype):
+  return build_reviewkd(
+      config.model, config.teacher, num_classes=spec.num_classes, image_size=spec.image_size,
+      mid_channels=config.mid_channels or None, student_features=config.student_features,
+      teacher_features=config.teacher_features, dtype=dtype)
+
+
+def _terms(ctx: base.LossContext) -> tuple[dict, dict]:
+  config = ctx.config
+  teacher_levels = review_features(ctx.teacher_out.features, config.teacher_features)
+  hcl = losses.hcl(ctx.student_out.head, teacher_levels)
+  lam = config.reviewkd_weight * base.warmup_factor(ctx.epoch, config.reviewkd_warmup_epochs)
+  return {'hcl': lam * hcl}, {'hcl': hcl, 'lambda': lam}
+
+
+def _check(config):
+  for field in ('student_features', 'teacher_features'):
+    if config[field] not in FEATURE_KINDS:
+      raise ValueError(f'config.{field} must be one of {FEATURE_KINDS}, got '
+                       f'{config[field]!r}.')
+
+
+base.register_method(base.Method(
+    name='reviewkd', uses_teacher=True, build=_build, loss_terms=base.with_logit_kd(_terms),
+    backbone=lambda module: module.student, backbone_variables=base.student_variables,
+    check_config=_check))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import torch_utils  # skips the module when PyTorch is missing
-from reviewkd_jax.torch_reference import cifar_a as ref
+from reviewkd_jax.testing import torch_cifar_resnet_wrn_vgg as ref
 from reviewkd_jax import convert
 from reviewkd_jax.models import create_model
 from reviewkd_jax.models.cifar_resnet import BASIC, ResidualBlock

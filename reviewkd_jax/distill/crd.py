@@ -1,4 +1,16 @@
-"""CRD's embedding heads, momentum memory bank and negative sampling.
+"""'crd': contrastive representation distillation (Tian et al., ICLR 2020) on the pooled
+embeddings (`feat[-1]`), as the CRD benchmark runs it: embedding heads, a momentum memory
+bank and NCE against K negatives; `losses.crd_loss`, weight `crd_weight` (0.8),
+`crd_feat_dim` 128, `crd_num_negatives` 16384, `crd_temperature` 0.07, `crd_momentum` 0.5.
+
+Negatives: RepDistiller's CIFAR loader (`CIFAR100InstanceSample`, mode 'exact', the default of
+its train_student.py) draws each example's negatives from the training examples of *other
+classes*; that produced the published numbers, so `crd_negatives='other_class'` is the
+default ('uniform' is ContrastMemory's own sampler over all examples). Two differences:
+RepDistiller draws without replacement (16384 of ~49500), we draw with replacement (the same
+distribution per negative; ~15% repeats), and the bank has one row per training example of
+*this run*, so tiny datasets (mock data, `train_subset`) clip the negatives to
+(examples - 1), with a warning. CRD needs dataset indices: in-memory datasets only.
 
 The memory bank lives in the non-trainable variable collection `'memory'`:
 `memory_v1` (student embeddings) and `memory_v2` (teacher embeddings), each
@@ -16,7 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from reviewkd_jax import losses
+from reviewkd_jax.distill import base
 from reviewkd_jax.models import layers
 
 MEMORY = 'memory'
@@ -149,27 +164,123 @@ class CRDHead(nn.Module):
   """CRD's trainable part: student and teacher `Embed`s plus the `ContrastMemory`.
 
   Call with the student's and teacher's pooled features (`feat[-1]`, (B, Cs) and (B, Ct)),
-  the batch's dataset indices `idx` (B,) and optionally `contrast_idx` (B, K+1) from
-  `other_class_contrast_idx` (the benchmark's sampler) or `uniform_contrast_idx`; when it
-  is None, K = `num_negatives` uniform negatives are drawn from the `'negatives'` RNG
-  stream. Returns `(student_scores, teacher_scores)` for `losses.crd_loss`. The teacher
-  feature gets no gradient; the teacher's embedding head does (it is trained).
+  the batch's dataset indices `idx` (B,) and `contrast_idx` (B, K+1) from
+  `other_class_contrast_idx` (the benchmark's sampler) or `uniform_contrast_idx`. Returns
+  `(student_scores, teacher_scores)` for `losses.crd_loss`. The teacher feature gets no
+  gradient; the teacher's embedding head does (it is trained).
   """
   num_data: int
+  feat_dim: int = 128
+  temperature: float = 0.07
+  momentum: float = 0.5
+
+  @nn.compact
+  def __call__(self, student_feat: jax.Array, teacher_feat: jax.Array, idx: jax.Array,
+               contrast_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns the (B, K+1) NCE scores anchored on the student and on the teacher."""
+    v1 = Embed(self.feat_dim, name='embed_s')(student_feat)
+    v2 = Embed(self.feat_dim, name='embed_t')(jax.lax.stop_gradient(teacher_feat))
+    return ContrastMemory(self.num_data, self.feat_dim, self.temperature, self.momentum,
+                          name='contrast')(v1, v2, idx, contrast_idx)
+
+
+CRD_NEGATIVES = ('other_class', 'uniform')
+
+
+class CRDStudentHead(nn.Module):
+  """CRD's embeddings and memory bank on the pooled features, sampling its own negatives.
+
+  Training passes `teacher_pooled`, the batch's dataset `index` and `labels`, a `key` and,
+  for `negatives='other_class'`, the training set's `class_index`. Without them it
+  initialises on placeholders, or (outside initialisation) returns None: the module then is
+  the backbone alone.
+  """
+  num_data: int
+  teacher_dim: int
+  negatives: str = 'other_class'
   feat_dim: int = 128
   num_negatives: int = 16384
   temperature: float = 0.07
   momentum: float = 0.5
 
   @nn.compact
-  def __call__(self, student_feat: jax.Array, teacher_feat: jax.Array, idx: jax.Array,
-               contrast_idx: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Returns the (B, K+1) NCE scores anchored on the student and on the teacher."""
-    v1 = Embed(self.feat_dim, name='embed_s')(student_feat)
-    v2 = Embed(self.feat_dim, name='embed_t')(jax.lax.stop_gradient(teacher_feat))
-    if contrast_idx is None:
-      contrast_idx = uniform_contrast_idx(self.make_rng('negatives'), idx,
-                                          num_data=self.num_data,
+  def __call__(self, features: dict, train: bool, *, teacher_pooled=None, index=None,
+               labels=None, key=None, class_index=None):
+    """Returns the (B, K+1) NCE scores `(student-anchored, teacher-anchored)`, or None."""
+    del train  # the bank updates whenever the 'memory' collection is mutable
+    pooled = features['pooled']
+    if teacher_pooled is None:
+      if not self.is_initializing():
+        return None
+      b = pooled.shape[0]
+      teacher_pooled = jnp.zeros((b, self.teacher_dim), jnp.float32)
+      index = jnp.zeros((b,), jnp.int32)
+      contrast_idx = jnp.zeros((b, self.num_negatives + 1), jnp.int32)
+    elif self.negatives == 'other_class':
+      contrast_idx = other_class_contrast_idx(key, index, labels, class_index,
+                                              num_negatives=self.num_negatives)
+    else:
+      contrast_idx = uniform_contrast_idx(key, index, num_data=self.num_data,
                                           num_negatives=self.num_negatives)
-    return ContrastMemory(self.num_data, self.feat_dim, self.temperature, self.momentum,
-                          name='contrast')(v1, v2, idx, contrast_idx)
+    return CRDHead(self.num_data, self.feat_dim, self.temperature, self.momentum,
+                   name='crd')(pooled, teacher_pooled, index, contrast_idx)
+
+
+def _sizes(config, spec) -> tuple[int, int]:
+  """Returns CRD's (num_data, num_negatives): the bank's rows and the clipped K."""
+  if spec.num_train < 2:
+    raise ValueError(f'CRD needs the training-set size of {spec.name!r} (got '
+                     f'{spec.num_train}) for its memory bank.')
+  return spec.num_train, min(config.crd_num_negatives, spec.num_train - 1)
+
+
+def _head(config, spec, dtype, student, teacher):
+  del dtype, student
+  num_data, num_negatives = _sizes(config, spec)
+  if num_negatives < config.crd_num_negatives:
+    logging.warning('CRD: %s has %d training examples, fewer than crd_num_negatives=%d + 1; '
+                    'using %d negatives per example (expected only for tiny or mock data).',
+                    spec.name, num_data, config.crd_num_negatives, num_negatives)
+  return CRDStudentHead(num_data, teacher['pooled'].shape[-1], config.crd_negatives,
+                        feat_dim=config.crd_feat_dim, num_negatives=num_negatives,
+                        temperature=config.crd_temperature, momentum=config.crd_momentum)
+
+
+def _terms(ctx: base.LossContext):
+  student_scores, teacher_scores = ctx.student_out.head
+  return {'crd': losses.crd_loss(student_scores, teacher_scores,
+                                 num_data=ctx.constant('num_data'),
+                                 weight=ctx.config.crd_weight)}, {}
+
+
+def _check(config):
+  if config.crd_negatives not in CRD_NEGATIVES:
+    raise ValueError(f'config.crd_negatives must be one of {CRD_NEGATIVES}, got '
+                     f'{config.crd_negatives!r}.')
+  if config.crd_num_negatives < 1:
+    raise ValueError(f'config.crd_num_negatives must be >= 1, got {config.crd_num_negatives}.')
+
+
+def _prepare(config, spec, *, teacher, teacher_variables, train_labels):
+  """Returns {'num_data', 'class_index' (other-class negatives)} for CRD's steps."""
+  del teacher, teacher_variables
+  if train_labels is None:
+    raise ValueError(
+        f'CRD keeps one memory-bank row per training example and needs each example\'s '
+        f'dataset index, which the streamed {spec.name!r} pipeline does not provide: use an '
+        'in-memory dataset (cifar100, digits) or another config.method.')
+  num_data, _ = _sizes(config, spec)
+  if len(train_labels) != num_data:
+    raise ValueError(f'CRD: {len(train_labels)} training labels for a bank of {num_data}.')
+  index = class_index(train_labels) if config.crd_negatives == 'other_class' else None
+  return {'num_data': num_data, 'class_index': index}
+
+
+def _apply_kwargs(ctx: base.LossContext) -> dict:
+  return {'teacher_pooled': ctx.teacher_out.features['pooled'], 'index': ctx.batch['index'],
+          'labels': ctx.batch['label'], 'key': ctx.rng,
+          'class_index': ctx.constant('class_index')}
+
+
+base.register_head_method('crd', _head, _terms, _check, prepare=_prepare,
+                          apply_kwargs=_apply_kwargs)
