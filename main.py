@@ -16,6 +16,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from reviewkd_jax.data import DatasetNotFoundError
+from reviewkd_jax.train.checkpoint import NoUsableCheckpointError, OtherRunError
 from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
 
 FLAGS = flags.FLAGS
@@ -73,7 +74,7 @@ def main(argv):
       train_suite(FLAGS.config, FLAGS.workdir)
     else:
       train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except DatasetNotFoundError as e:
+  except (DatasetNotFoundError, NoUsableCheckpointError, OtherRunError) as e:
     raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
 
 

@@ -33,3 +33,14 @@ def test_misspelt_config_field_is_a_clear_error_without_traceback(tmp_path):
   assert "Unknown config field 'learnig_rate'" in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_config_argument_in_the_old_style_says_the_new_one(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/cifar100_baseline.py:resnet56',
+       f'--workdir={tmp_path / "run"}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'did you mean model=resnet56?' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'run').exists()

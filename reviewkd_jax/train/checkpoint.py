@@ -5,6 +5,11 @@ Layout of a workdir:
   checkpoints/<step>/{state,meta}   the TrainState for resuming (the last `keep` saves)
   best/<step>/{variables,meta}      the student backbone with the best eval top-1
   final/<step>/{variables,meta}     the student backbone after the last epoch
+  damaged_checkpoints/<step>        checkpoints that could not be read, moved aside on resume
+
+Resuming tries the newest TrainState first and falls back to older ones when it cannot be
+read (missing or corrupt files, arrays that do not fit); the run's metadata is compared with
+the config before any array is read, so a workdir of another experiment is refused untouched.
 
 `best` and `final` hold the plain backbone's variables ({'params', 'batch_stats'}): what a
 later run loads as its teacher. Their `meta` says what they are (label, model, dataset,
@@ -12,20 +17,59 @@ epoch, accuracy, and on which split "best" was chosen). Teachers are never saved
 """
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 STATE_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'
 BEST, FINAL = 'best', 'final'
 MODEL_LABELS = (BEST, FINAL)
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model it is loaded into."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """A workdir has TrainState checkpoints, but none of them can be read."""
+
+
+class OtherRunError(ValueError):
+  """A workdir holds the checkpoints of another experiment."""
+
+
+def _drop_late_callbacks_of_failed_reads() -> None:
+  """Stops Python printing the harmless aftermath of a failed restore.
+
+  When orbax's restore fails, TensorStore reads still in flight later call back into the
+  event loop orbax has closed, and Python prints each as an unraisable 'Event loop is
+  closed' RuntimeError (hundreds of tracebacks). Those alone are dropped; any other
+  unraisable exception still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_callbacks', False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError) and
+        str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
 
 
 def _manager(directory: epath.Path, arrays: str, keep: int | None,
@@ -53,6 +97,8 @@ class RunCheckpoints:
   def __init__(self, workdir: str, *, keep: int):
     root = epath.Path(workdir)
     self.state_dir = root / STATE_DIR
+    self.damaged_dir = root / DAMAGED_DIR
+    self._keep = keep
     self._state = _manager(self.state_dir, 'state', keep)
     self._models = {label: _manager(root / label, 'variables', 1)
                     for label in MODEL_LABELS}
@@ -61,13 +107,62 @@ class RunCheckpoints:
     """Returns the step of the newest TrainState checkpoint, or None."""
     return self._state.latest_step()
 
-  def restore(self, like_state: Any) -> tuple[Any, dict]:
-    """Returns (TrainState, meta) of the newest checkpoint, laid out like `like_state`."""
-    step = self._state.latest_step()
-    restored = self._state.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(like_state)),
-        meta=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['meta'])
+  def restore_newest_usable(self, like_state: Any, check_meta: Callable[[dict], None]
+                            ) -> tuple[Any, dict] | None:
+    """Returns (TrainState, meta) of the newest checkpoint that reads; None if there is none.
+
+    Newest first: a checkpoint's `meta` is read and passed to `check_meta` before any array
+    is (`check_meta` raises for a workdir of another experiment, which ends the search);
+    then its arrays are restored like `like_state`. A checkpoint that cannot be read
+    (missing or corrupt files, arrays that do not fit) is skipped; once a usable one is
+    found, the skipped newer ones are moved aside to `damaged_checkpoints/` (never deleted),
+    with a warning, so that training continues from the usable step. When none reads,
+    raises NoUsableCheckpointError listing each step and why, having moved nothing.
+    """
+    tried = []
+    for step in sorted(self._state.all_steps(), reverse=True):
+      try:
+        meta = dict(self._state.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta'])
+      except Exception as e:  # pylint: disable=broad-except
+        tried.append((step, f'its metadata does not read ({_first_line(e)})'))
+        continue
+      check_meta(meta)
+      try:
+        state = self._state.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(like_state))))['state']
+      except Exception as e:  # pylint: disable=broad-except
+        _drop_late_callbacks_of_failed_reads()
+        tried.append((step, _first_line(e)))
+        continue
+      if tried:
+        self._move_aside(tried, usable=step)
+      return state, meta
+    if tried:
+      raise NoUsableCheckpointError(
+          f'No checkpoint in {self.state_dir} can be read, so the run cannot resume:\n' +
+          '\n'.join(f'  step {s}: {why}' for s, why in tried) +
+          f'\nNothing was moved or deleted. Restore the files, or move {self.state_dir} '
+          'aside to start this run from scratch.')
+    return None
+
+  def _move_aside(self, damaged: list[tuple[int, str]], *, usable: int) -> None:
+    """Moves the damaged step folders to `damaged_dir` (process 0) and reloads the list."""
+    for step, why in damaged:
+      target = self.damaged_dir / str(step)
+      n = 1
+      while target.exists():
+        target, n = self.damaged_dir / f'{step}.{n}', n + 1
+      logging.warning('The checkpoint of step %d cannot be read (%s); resuming from step %d '
+                      'instead. Moved %s to %s.', step, why, usable,
+                      self.state_dir / str(step), target)
+      if jax.process_index() == 0:
+        self.damaged_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('reviewkd_jax: damaged checkpoints moved aside')
+    self._state.close()
+    self._state = _manager(self.state_dir, 'state', self._keep)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves the TrainState at `step` (blocking: the next step may donate its buffers)."""

@@ -109,38 +109,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spec = dataclasses.replace(data.get_spec(config.dataset), num_train=pipeline.num_train)
   run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=pipeline.steps_per_epoch)
   state = run.init_state()
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-  # TensorBoard files from process 0; the console gets the progress lines (every process).
-  writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-            if jax.process_index() == 0 else metric_writers.MultiWriter([]))
-  try:
-    return _train(run, workdir, pipeline, state, ckpts, writer)
-  finally:
-    writer.flush()
-    writer.close()
-    ckpts.close()
-
-
-def _train(run: setup_lib.RunSetup, workdir: str, pipeline: data.InputPipeline,
-           state: state_lib.TrainState, ckpts: checkpoint_lib.RunCheckpoints,
-           writer: metric_writers.MetricWriter) -> RunResult:
-  config, spec, mesh = run.config, run.spec, run.mesh
-  steps_per_epoch = run.steps_per_epoch
-  total_steps = config.num_epochs * steps_per_epoch
   run_meta = {'dataset': config.dataset, 'train_subset': config.train_subset,
               'model': config.model, 'method': config.method,
               'teacher': config.teacher, 'batch_size': config.batch_size,
-              'steps_per_epoch': steps_per_epoch, 'seed': config.seed,
+              'steps_per_epoch': run.steps_per_epoch, 'seed': config.seed,
               'num_classes': spec.num_classes}
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    # Before anything is written: a workdir of another experiment is refused untouched.
+    resumed = ckpts.restore_newest_usable(
+        state, check_meta=lambda meta: _check_same_run(meta, run_meta, workdir))
+    # TensorBoard files from process 0; the console gets the progress lines (every process).
+    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+              if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+    try:
+      return _train(run, workdir, pipeline, state if resumed is None else resumed[0],
+                    resumed is not None, ckpts, writer, run_meta)
+    finally:
+      writer.flush()
+      writer.close()
+  finally:
+    ckpts.close()
+
+
+def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
+  """Raises OtherRunError unless a checkpoint's `meta` is of the run `run_meta` describes."""
+  changed = [f'{k}: {meta.get(k)!r} in the checkpoint, {run_meta[k]!r} in the config'
+             for k in _RESUME_KEYS if meta.get(k) != run_meta[k]]
+  if changed:
+    raise checkpoint_lib.OtherRunError(
+        f'{workdir} holds the checkpoints of a different run ({"; ".join(changed)}), which '
+        'this config would not continue: use a new --workdir, or the same settings.')
+
+
+def _train(run: setup_lib.RunSetup, workdir: str, pipeline: data.InputPipeline,
+           state: state_lib.TrainState, resumed: bool, ckpts: checkpoint_lib.RunCheckpoints,
+           writer: metric_writers.MetricWriter, run_meta: dict) -> RunResult:
+  config, spec, mesh = run.config, run.spec, run.mesh
+  steps_per_epoch = run.steps_per_epoch
+  total_steps = config.num_epochs * steps_per_epoch
   logging.info('%s on %s: %d train / %d eval examples, %d steps per epoch of %d, %d epochs, '
                '%d devices (%d processes), dtype %s.', config.model, config.dataset,
                pipeline.num_train, pipeline.num_eval, steps_per_epoch, config.batch_size,
                config.num_epochs, mesh.size, jax.process_count(), config.dtype)
 
-  # Resume, or start and record the config.
-  state = _resume_or_start(config, workdir, ckpts, state, run_meta, writer)
+  # A resumed run goes on from its checkpoint; a new one records its config.
   step = int(state.step)
+  if resumed:
+    logging.info('Resumed from %s at step %d (epoch %d, batch %d of %d).', ckpts.state_dir,
+                 step, step // steps_per_epoch, step % steps_per_epoch, steps_per_epoch)
+  elif jax.process_index() == 0:
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    writer.write_hparams(flat_hparams(config))
   if spec.eval_split == 'test':
     logging.info('"best" is chosen on the eval split %r of %s, its test set (there is no '
                  'validation split; the authors report best test accuracy the same way). '
@@ -218,27 +239,6 @@ def _train(run: setup_lib.RunSetup, workdir: str, pipeline: data.InputPipeline,
                  '--workdir to continue.', step, total_steps)
   return RunResult(workdir, state, step, total_steps, final, book.best, teacher_eval,
                    logger.history)
-
-
-def _resume_or_start(config, workdir, ckpts, state, run_meta, writer):
-  """Returns the latest checkpoint's state if the workdir has one (of this run), else `state`
-  after writing the config and hyperparameters."""
-  if ckpts.latest_step() is None:
-    if jax.process_index() == 0:
-      (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
-      writer.write_hparams(flat_hparams(config))
-    return state
-  state, meta = ckpts.restore(state)
-  changed = {k: (meta.get(k), run_meta[k]) for k in _RESUME_KEYS if meta.get(k) != run_meta[k]}
-  if changed:
-    raise ValueError(
-        f'{workdir} holds a checkpoint of a different run ({changed}, as (checkpoint, '
-        'config)); resuming would not continue it. Use a new --workdir, or the same settings.')
-  steps_per_epoch = run_meta['steps_per_epoch']
-  logging.info('Resumed from %s at step %d (epoch %d, batch %d of %d).', ckpts.state_dir,
-               int(state.step), int(state.step) // steps_per_epoch,
-               int(state.step) % steps_per_epoch, steps_per_epoch)
-  return state
 
 
 def _evaluate_teacher(run, teacher_variables, source, pipeline, writer, step) -> dict:

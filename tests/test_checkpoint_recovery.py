@@ -1,0 +1,89 @@
+"""A damaged newest checkpoint falls back to the last good one; another experiment's workdir
+is refused before anything is read or written (mock CIFAR-100, tiny runs)."""
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from reviewkd_jax.train import checkpoint as checkpoint_lib
+from reviewkd_jax.train import train_and_evaluate
+from tests.helpers import ONE_DEVICE, tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('mock_cifar100')]
+
+
+def _config(**fields):
+  # A checkpoint after every step, three kept: steps 3, 4, 5 after stopping at step 5.
+  return tiny_config(checkpoint_every_steps=1, keep_checkpoints=3, **fields)
+
+
+def _damage(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Flips 256 bytes in the middle of every array data file of a checkpoint."""
+  files = [p for p in step_dir.rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert files, f'no data files under {step_dir}'
+  for path in files:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 256] = bytes(b ^ 0xFF for b in data[mid:mid + 256])
+    path.write_bytes(bytes(data))
+  return files
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob('*')}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  return train_and_evaluate(_config(), str(tmp_path_factory.mktemp('reference')),
+                            devices=ONE_DEVICE)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_continues_exactly(tmp_path, uninterrupted,
+                                                                    caplog):
+  stopped = train_and_evaluate(_config(stop_after_step=5), str(tmp_path), devices=ONE_DEVICE)
+  assert stopped.step == 5
+  ckpt_dir = tmp_path / checkpoint_lib.STATE_DIR
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [3, 4, 5]
+  _damage(ckpt_dir / '5')
+
+  resumed = train_and_evaluate(_config(), str(tmp_path), devices=ONE_DEVICE)
+  # Continued from step 4: steps 5 and 6 trained again, exactly as the uninterrupted run.
+  assert resumed.step == 6 and [h['step'] for h in resumed.history] == [5, 6]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+               jax.device_get(uninterrupted.state.params))
+  np.testing.assert_array_equal([h['loss'] for h in resumed.history],
+                                [h['loss'] for h in uninterrupted.history[4:]])
+  # The damaged checkpoint was moved aside, not deleted, and the user was told.
+  moved = tmp_path / checkpoint_lib.DAMAGED_DIR / '5'
+  assert moved.is_dir() and any(moved.rglob('*'))
+  assert any('step 5' in r.getMessage() and 'step 4' in r.getMessage()
+             for r in caplog.records if r.levelname == 'WARNING')
+
+
+def test_every_checkpoint_damaged_stops_with_one_message_and_deletes_nothing(tmp_path):
+  train_and_evaluate(_config(stop_after_step=5), str(tmp_path), devices=ONE_DEVICE)
+  ckpt_dir = tmp_path / checkpoint_lib.STATE_DIR
+  for step in (3, 4, 5):
+    _damage(ckpt_dir / str(step))
+  before = _snapshot(tmp_path)
+  with pytest.raises(checkpoint_lib.NoUsableCheckpointError) as e:
+    train_and_evaluate(_config(), str(tmp_path), devices=ONE_DEVICE)
+  message = str(e.value)
+  for step in (5, 4, 3):
+    assert f'step {step}:' in message
+  assert 'Nothing was moved or deleted' in message
+  assert _snapshot(tmp_path) == before
+
+
+def test_workdir_of_another_experiment_is_refused_before_anything_is_written(tmp_path):
+  train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path), devices=ONE_DEVICE)
+  before = _snapshot(tmp_path)
+  with pytest.raises(checkpoint_lib.OtherRunError) as e:
+    train_and_evaluate(tiny_config(num_epochs=1, model='resnet14'), str(tmp_path),
+                       devices=ONE_DEVICE)
+  assert "model: 'resnet8' in the checkpoint, 'resnet14' in the config" in str(e.value)
+  assert len(str(e.value).splitlines()) == 1
+  assert _snapshot(tmp_path) == before
