@@ -15,8 +15,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
-from reviewkd_jax.data import DatasetNotFoundError
-from reviewkd_jax.train.checkpoint import NoUsableCheckpointError, OtherRunError
+from reviewkd_jax.train import SetupError
 from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
 
 FLAGS = flags.FLAGS
@@ -74,7 +73,7 @@ def main(argv):
       train_suite(FLAGS.config, FLAGS.workdir)
     else:
       train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (DatasetNotFoundError, NoUsableCheckpointError, OtherRunError) as e:
+  except SetupError as e:
     raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from reviewkd_jax.train import checkpoint as checkpoint_lib
-from reviewkd_jax.train import train_and_evaluate
+from reviewkd_jax.train import SetupError, train_and_evaluate
 from tests.helpers import ONE_DEVICE, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('mock_cifar100')]
@@ -69,8 +69,9 @@ def test_every_checkpoint_damaged_stops_with_one_message_and_deletes_nothing(tmp
   for step in (3, 4, 5):
     _damage(ckpt_dir / str(step))
   before = _snapshot(tmp_path)
-  with pytest.raises(checkpoint_lib.NoUsableCheckpointError) as e:
+  with pytest.raises(SetupError) as e:
     train_and_evaluate(_config(), str(tmp_path), devices=ONE_DEVICE)
+  assert isinstance(e.value.__cause__, checkpoint_lib.NoUsableCheckpointError)
   message = str(e.value)
   for step in (5, 4, 3):
     assert f'step {step}:' in message
@@ -81,9 +82,10 @@ def test_every_checkpoint_damaged_stops_with_one_message_and_deletes_nothing(tmp
 def test_workdir_of_another_experiment_is_refused_before_anything_is_written(tmp_path):
   train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path), devices=ONE_DEVICE)
   before = _snapshot(tmp_path)
-  with pytest.raises(checkpoint_lib.OtherRunError) as e:
+  with pytest.raises(SetupError) as e:
     train_and_evaluate(tiny_config(num_epochs=1, model='resnet14'), str(tmp_path),
                        devices=ONE_DEVICE)
+  assert isinstance(e.value.__cause__, checkpoint_lib.OtherRunError)
   assert "model: 'resnet8' in the checkpoint, 'resnet14' in the config" in str(e.value)
   assert len(str(e.value).splitlines()) == 1
   assert _snapshot(tmp_path) == before

@@ -8,10 +8,19 @@ deeper ones (the "review"). All channel counts and sizes are read from the two n
 feature shapes; `mid_channels` is the only knob that the paper sets by hand (ImageNet).
 The loss is the pure function `losses.hcl`; docs/reviewkd.md describes every piece and the
 feature kinds each paper config distils.
+
+The paper's ablations switch the pieces off (docs/ablations.md has each variant's loss):
+`review` (teacher level j supervised by student levels i >= j, or by level j only),
+`residual` (the fused deepest-first chain of ABFs, or one independent `PairTransform` per
+(student level, teacher level) pair), `fusion` ('abf' attention or a plain 'sum'), the
+distance (`losses.hcl` or `losses.feature_mse`) and `stage_pair` (one student stage
+distilled from one teacher stage). The defaults build and compute exactly the method above.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import ml_collections
 
 import flax.linen as nn
 import jax
@@ -24,6 +33,8 @@ from reviewkd_jax.models import create_model
 from reviewkd_jax.models import layers
 
 FEATURE_KINDS = ('stages', 'preact')
+FUSIONS = ('abf', 'sum', 'none')  # 'none': no residual chain, so nothing is fused
+DISTANCES = ('hcl', 'mse')
 
 
 def _torch_nearest_index(in_size: int, out_size: int) -> np.ndarray:
@@ -56,12 +67,14 @@ class ABF(nn.Module):
   """Attention-based fusion for one level; returns (output for HCL, residual for next level).
 
   Submodule names follow the authors' PyTorch ABF (`conv1.0/1`, `att_conv.0`, `conv2.0/1`)
-  so their checkpoints load with the generic converter.
+  so their checkpoints load with the generic converter. `fusion='sum'` (an ablation) fuses
+  by the plain sum `x + resize(residual)` and has no `att_conv_0`.
   """
   mid_channels: int
   out_channels: int
   fuse: bool
   dtype: Any = jnp.float32
+  fusion: str = 'abf'  # 'abf' (attention) | 'sum'
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array | None, *,
@@ -73,11 +86,16 @@ class ABF(nn.Module):
       if residual is None:
         raise ValueError('a fusing ABF needs the residual of the deeper level')
       y = nearest_resize(residual, (x.shape[1], x.shape[2])).astype(x.dtype)
-      z = layers.conv(2, 1, use_bias=True, in_features=2 * self.mid_channels,
-                      kernel_init=layers.torch_default_kernel_init, name='att_conv_0',
-                      dtype=self.dtype)(jnp.concatenate([x, y], axis=-1))
-      z = nn.sigmoid(z)
-      x = x * z[..., 0:1] + y * z[..., 1:2]
+      if self.fusion == 'sum':
+        x = x + y
+      elif self.fusion == 'abf':
+        z = layers.conv(2, 1, use_bias=True, in_features=2 * self.mid_channels,
+                        kernel_init=layers.torch_default_kernel_init, name='att_conv_0',
+                        dtype=self.dtype)(jnp.concatenate([x, y], axis=-1))
+        z = nn.sigmoid(z)
+        x = x * z[..., 0:1] + y * z[..., 1:2]
+      else:
+        raise ValueError(f"ABF fusion must be 'abf' or 'sum', got {self.fusion!r}")
     x = nearest_resize(x, _hw(out_size))
     out = layers.conv(self.out_channels, 3, name='conv2_0', dtype=self.dtype,
                       kernel_init=layers.kaiming_uniform_a1)(x)

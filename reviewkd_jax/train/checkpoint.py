@@ -72,12 +72,14 @@ def _first_line(error: Exception) -> str:
   return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
 
 
-def _manager(directory: epath.Path, arrays: str, keep: int | None,
-             create: bool = True) -> ocp.CheckpointManager:
-  """Returns a manager of two items: a pytree of arrays named `arrays`, and JSON `meta`."""
+def _manager(directory: epath.Path, arrays: str, keep: int | None) -> ocp.CheckpointManager:
+  """Returns a manager of two items: a pytree of arrays named `arrays`, and JSON `meta`.
+
+  It creates nothing on disk: `save` and `save_model` create their folder first.
+  """
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep) if keep else None,
-      enable_async_checkpointing=False, create=create)
+      enable_async_checkpointing=False, create=False)
   return ocp.CheckpointManager(
       directory, options=options,
       item_handlers={arrays: ocp.StandardCheckpointHandler(),
@@ -92,7 +94,10 @@ def abstract_like(tree: Any) -> Any:
 
 
 class RunCheckpoints:
-  """Saves and restores one run's TrainState and its labelled best/final models."""
+  """Saves and restores one run's TrainState and its labelled best/final models.
+
+  Opening a workdir writes nothing; folders appear with the first save.
+  """
 
   def __init__(self, workdir: str, *, keep: int):
     root = epath.Path(workdir)
@@ -166,6 +171,7 @@ class RunCheckpoints:
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves the TrainState at `step` (blocking: the next step may donate its buffers)."""
+    self.state_dir.mkdir(parents=True, exist_ok=True)
     self._state.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._state.wait_until_finished()
@@ -173,6 +179,7 @@ class RunCheckpoints:
   def save_model(self, label: str, step: int, variables: Any, meta: dict) -> None:
     """Saves a labelled model (`best` or `final`), replacing the previous one."""
     mngr = self._models[label]
+    epath.Path(mngr.directory).mkdir(parents=True, exist_ok=True)
     mngr.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables),
         meta=ocp.args.JsonSave({'label': label, **meta})), force=True)
@@ -243,7 +250,7 @@ def load_model(path: str, template: Any, *, sharding: jax.sharding.Sharding,
   by shapes) than the one it is loaded into.
   """
   directory = model_directory(path)
-  mngr = _manager(directory, 'variables', None, create=False)  # only ever read here
+  mngr = _manager(directory, 'variables', None)  # only ever read here
   try:
     step = mngr.latest_step()
     if step is None:

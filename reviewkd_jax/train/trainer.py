@@ -1,8 +1,10 @@
 """`train_and_evaluate`: one run, from data and teacher to checkpoints and logs.
 
-Read top to bottom: build the run (`setup.build_run`), resume or start, load and evaluate the
-teacher, then the loop (train steps; at epoch ends evaluate, keep the best model, save), then
-the final model. Suites of runs (the offline demo) are `train.suite`.
+Read top to bottom: `_set_up` checks the config and prepares the run (`setup.build_run`),
+the data, the resumed state and the frozen teacher without writing anything (a mistake is
+one `SetupError`); `_train` evaluates the teacher, runs the loop (train steps; at epoch ends
+evaluate, keep the best model, save) and exports the final model. Suites of runs (the
+offline demo) are `train.suite`.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 import itertools
 import signal
 import threading
+from typing import Any
 
 import jax
 import ml_collections
@@ -88,49 +91,96 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict:
   return flat
 
 
+class SetupError(ValueError):
+  """A run cannot start as configured (config, data, teacher, workdir); the message says what
+  to change. Raised before anything in the workdir is written."""
+
+
+@dataclasses.dataclass
+class _Setup:
+  """Everything `train_and_evaluate` prepares before it writes anything."""
+  run: setup_lib.RunSetup
+  pipeline: data.InputPipeline
+  state: state_lib.TrainState
+  resumed: bool
+  ckpts: checkpoint_lib.RunCheckpoints
+  run_meta: dict
+  teacher_variables: Any
+  teacher_source: str | None
+  constants: Any
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        devices=None) -> RunResult:
-  """Trains and evaluates `config` in `workdir`, resuming from its latest checkpoint.
+  """Trains and evaluates `config` in `workdir`, resuming from its newest usable checkpoint.
 
   `devices` (default: all devices of all processes) is the mesh; tests pass a subset.
-  Raises ValueError for a config that cannot run, before any work.
+  Raises SetupError for a run that cannot start (a config mistake, missing data or teacher,
+  a workdir of another experiment, no readable checkpoint), before any work and before
+  anything in the workdir is written.
   """
+  try:
+    setup = _set_up(config, workdir, devices)
+  except (ValueError, FileNotFoundError, checkpoint_lib.NoUsableCheckpointError) as e:
+    raise SetupError(str(e)) from e
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    # TensorBoard files from process 0; the console gets the progress lines (every process).
+    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+              if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+    try:
+      return _train(setup, workdir, writer)
+    finally:
+      writer.flush()
+      writer.close()
+  finally:
+    setup.ckpts.close()
+
+
+def _set_up(config, workdir: str, devices) -> _Setup:
+  """Checks the config and prepares the run, the data, the teacher and the resumed state,
+  reading the workdir but writing nothing."""
   mesh = state_lib.make_mesh(devices)
   method = setup_lib.check_config(config, mesh)
-  pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
   if method.uses_teacher and not config.teacher_checkpoint:
     raise ValueError(
         f'config.method={config.method!r} distils from a teacher: set '
         '--config.teacher_checkpoint=PATH, a .pt/.pth state_dict (torchvision\'s weights for '
         'ImageNet teachers) or the workdir of a baseline run of this trainer (e.g. of '
         'configs/cifar100_baseline.py:model=resnet56).')
+  pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   # This run's training-set size (train_subset, mock data), e.g. for CRD's memory bank.
   spec = dataclasses.replace(data.get_spec(config.dataset), num_train=pipeline.num_train)
   run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=pipeline.steps_per_epoch)
-  state = run.init_state()
   run_meta = {'dataset': config.dataset, 'train_subset': config.train_subset,
               'model': config.model, 'method': config.method,
               'teacher': config.teacher, 'batch_size': config.batch_size,
               'steps_per_epoch': run.steps_per_epoch, 'seed': config.seed,
               'num_classes': spec.num_classes}
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  # The workdir: another experiment's is refused before any array is read.
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
-    # Before anything is written: a workdir of another experiment is refused untouched.
+    state = run.init_state()
     resumed = ckpts.restore_newest_usable(
         state, check_meta=lambda meta: _check_same_run(meta, run_meta, workdir))
-    # TensorBoard files from process 0; the console gets the progress lines (every process).
-    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-              if jax.process_index() == 0 else metric_writers.MultiWriter([]))
-    try:
-      return _train(run, workdir, pipeline, state if resumed is None else resumed[0],
-                    resumed is not None, ckpts, writer, run_meta)
-    finally:
-      writer.flush()
-      writer.close()
-  finally:
+    # The frozen teacher, then the method's per-run constants (a method that cannot run on
+    # this data, CRD without dataset indices, stops here).
+    teacher_variables, teacher_source = None, None
+    if run.teacher is not None:
+      teacher_variables, teacher_source = teacher_lib.load_teacher(
+          config.teacher_checkpoint, run.teacher, name=config.teacher, dataset=config.dataset,
+          image_shape=spec.image_shape, mesh=mesh)
+    constants = run.method.prepare(config, spec, teacher=run.teacher,
+                                   teacher_variables=teacher_variables,
+                                   train_labels=pipeline.source.train_labels)
+  except BaseException:
     ckpts.close()
+    raise
+  return _Setup(run=run, pipeline=pipeline,
+                state=state if resumed is None else resumed[0], resumed=resumed is not None,
+                ckpts=ckpts, run_meta=run_meta, teacher_variables=teacher_variables,
+                teacher_source=teacher_source, constants=constants)
 
 
 def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
@@ -143,9 +193,9 @@ def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
         'this config would not continue: use a new --workdir, or the same settings.')
 
 
-def _train(run: setup_lib.RunSetup, workdir: str, pipeline: data.InputPipeline,
-           state: state_lib.TrainState, resumed: bool, ckpts: checkpoint_lib.RunCheckpoints,
-           writer: metric_writers.MetricWriter, run_meta: dict) -> RunResult:
+def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> RunResult:
+  run, pipeline, ckpts, run_meta = setup.run, setup.pipeline, setup.ckpts, setup.run_meta
+  state, teacher_variables = setup.state, setup.teacher_variables
   config, spec, mesh = run.config, run.spec, run.mesh
   steps_per_epoch = run.steps_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
@@ -156,7 +206,7 @@ def _train(run: setup_lib.RunSetup, workdir: str, pipeline: data.InputPipeline,
 
   # A resumed run goes on from its checkpoint; a new one records its config.
   step = int(state.step)
-  if resumed:
+  if setup.resumed:
     logging.info('Resumed from %s at step %d (epoch %d, batch %d of %d).', ckpts.state_dir,
                  step, step // steps_per_epoch, step % steps_per_epoch, steps_per_epoch)
   elif jax.process_index() == 0:
@@ -167,23 +217,12 @@ def _train(run: setup_lib.RunSetup, workdir: str, pipeline: data.InputPipeline,
                  'validation split; the authors report best test accuracy the same way). '
                  '"final" is the unbiased number.', spec.eval_split, spec.name)
 
-  # The frozen teacher, the method's per-run constants, then the teacher's accuracy. The
-  # constants come first: a method that cannot run on this data (CRD without dataset
-  # indices) stops before the teacher's evaluation.
-  teacher_variables, teacher_source = None, None
-  if run.teacher is not None:
-    teacher_variables, teacher_source = teacher_lib.load_teacher(
-        config.teacher_checkpoint, run.teacher, name=config.teacher, dataset=config.dataset,
-        image_shape=spec.image_shape, mesh=mesh)
-  constants = run.method.prepare(config, spec, teacher=run.teacher,
-                                 teacher_variables=teacher_variables,
-                                 train_labels=pipeline.source.train_labels)
   teacher_eval = None
   if run.teacher is not None and config.eval_teacher:
-    teacher_eval = _evaluate_teacher(run, teacher_variables, teacher_source, pipeline, writer,
-                                     step)
+    teacher_eval = _evaluate_teacher(run, teacher_variables, setup.teacher_source, pipeline,
+                                     writer, step)
 
-  train_step = run.train_step(constants)
+  train_step = run.train_step(setup.constants)
   eval_step = run.eval_step()
   logger = progress.MetricLogger(
       writer, total_steps=total_steps, steps_per_epoch=steps_per_epoch,

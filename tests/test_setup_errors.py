@@ -1,0 +1,101 @@
+"""Every setup mistake, as a user makes it through main.py: exit code 1, one clear message,
+no traceback, and nothing in the workdir written or lost (offline digits, resnet8)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses of main.py
+
+BASE = ['--config=configs/default.py', '--config.dataset=digits', '--config.model=resnet8',
+        '--config.batch_size=32', '--config.eval_batch_size=64', '--config.num_epochs=1']
+TWO_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+
+
+def _main(workdir: pathlib.Path, *args: str, env: dict | None = None):
+  return subprocess.run(
+      [sys.executable, 'main.py', f'--workdir={workdir}', *BASE, *args], cwd=ROOT,
+      env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu', **(env or {})},
+      capture_output=True, text=True, timeout=300, check=False)
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob('*')} if root.exists() else {}
+
+
+def _assert_refused(proc, *texts):
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  for text in texts:
+    assert text in proc.stderr, (text, proc.stderr[-3000:])
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def resnet8_pth(tmp_path_factory):
+  """A PyTorch state_dict of a CIFAR resnet8 (the wrong network for a resnet20 teacher)."""
+  torch = pytest.importorskip('torch')
+  from reviewkd_jax import testing  # pylint: disable=g-import-not-at-top
+  model, _ = testing.build('resnet8', num_classes=10)
+  path = tmp_path_factory.mktemp('teacher') / 'resnet8.pth'
+  torch.save(model.state_dict(), path)
+  return path
+
+
+# (what the user typed, what the message must say)
+MISTAKES = {
+    'batch_not_divisible': ((['--config.batch_size=25'], TWO_DEVICES),
+                            ['config.batch_size=25 must be divisible by the number of devices '
+                             '(2)']),
+    'unknown_model': ((['--config.model=Resnet8'], None),
+                      ["Unknown model 'Resnet8'", "Did you mean 'resnet8'?"]),
+    'unknown_method': ((['--config.method=reviewdk'], None),
+                       ["Unknown method 'reviewdk'", 'Known methods: at, crd']),
+    'unknown_dataset': ((['--config.dataset=cifar10'], None),
+                        ["Unknown dataset 'cifar10'", 'known datasets: cifar100']),
+    'bad_teacher_bn_mode': ((['--config.method=reviewkd', '--config.teacher=resnet20',
+                              '--config.teacher_checkpoint=x.pth',
+                              '--config.teacher_bn_mode=train'], None),
+                            ["config.teacher_bn_mode must be one of ('eval', 'batch_stats'), "
+                             "got 'train'"]),
+    'bad_dtype': ((['--config.dtype=float16'], None),
+                  ["config.dtype must be one of ('float32', 'bfloat16'), got 'float16'"]),
+    'missing_teacher_checkpoint': ((['--config.method=reviewkd', '--config.teacher=resnet20',
+                                     '--config.teacher_checkpoint=/nonexistent/teacher'], None),
+                                   ['No checkpoint at /nonexistent/teacher']),
+}
+
+
+@pytest.mark.parametrize('kind', list(MISTAKES))
+def test_setup_mistake_is_one_message_and_writes_nothing(kind, tmp_path):
+  (args, env), texts = MISTAKES[kind]
+  workdir = tmp_path / 'run'
+  _assert_refused(_main(workdir, *args, env=env), *texts)
+  assert not workdir.exists()
+
+
+def test_teacher_checkpoint_of_another_network(tmp_path, resnet8_pth):
+  workdir = tmp_path / 'run'
+  proc = _main(workdir, '--config.method=reviewkd', '--config.teacher=resnet20',
+               f'--config.teacher_checkpoint={resnet8_pth}')
+  _assert_refused(proc, "Teacher 'resnet20' cannot be loaded from", 'Missing')
+  assert not workdir.exists()
+
+
+def test_workdir_of_another_experiment_is_left_as_it_was(tmp_path):
+  from reviewkd_jax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  ckpts = checkpoint_lib.RunCheckpoints(str(workdir), keep=1)
+  ckpts.save(7, {'w': np.zeros(3, np.float32)},
+             {'dataset': 'digits', 'train_subset': 0, 'model': 'resnet20', 'method': 'none',
+              'teacher': '', 'batch_size': 32, 'steps_per_epoch': 42, 'seed': 0})
+  ckpts.close()
+  before = _snapshot(workdir)
+  _assert_refused(_main(workdir), 'holds the checkpoints of a different run',
+                  "model: 'resnet20' in the checkpoint, 'resnet8' in the config")
+  assert _snapshot(workdir) == before
