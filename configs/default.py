@@ -33,6 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.student_features = 'stages'   # 'stages' (post-activation) | 'preact'
   config.teacher_features = 'preact'
   config.mid_channels = 0              # ABF width; 0 = min(512, deepest student channels)
+  # The paper's ablations (docs/ablations.md); the defaults are the method itself.
+  config.reviewkd_review = True        # teacher level j supervised by student levels i >= j;
+                                       # False: by student level j only (same-level pairs)
+  config.reviewkd_residual = True      # the deepest-first fused chain of ABFs; False: every
+                                       # pair through its own 1x1 conv + BN + resize
+  config.reviewkd_fusion = 'abf'       # the chain's fusion: 'abf' (attention) | 'sum' (plain
+                                       # sum); 'none' (required) when reviewkd_residual=False
+  config.reviewkd_distance = 'hcl'     # 'hcl' | 'mse' (plain MSE per level, no pyramid)
+  config.reviewkd_student_stage = 0    # single pair: student stage i distilled from teacher
+  config.reviewkd_teacher_stage = 0    # stage j (1-based, the pooled level last); 0, 0 = all
   config.kd_weight = 0.0               # optional logit KD term (the authors' --use-kl)
   config.kd_temperature = 4.0
   config.ce_weight = 1.0

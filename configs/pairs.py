@@ -103,15 +103,17 @@ TABLE: tuple[Pair, ...] = (
          note=_SUPPLEMENTARY, table='Table 2', published=dict(reviewkd=69.89)),
     Pair('vgg13_mobilenetv2', CIFAR100, 'vgg13', 'MobileNetV2', reviewkd_weight=5.0,
          note=_SUPPLEMENTARY),
-    # ImageNet (paper Table 3; KD and CRD as docs/reviewkd.md quotes them).
+    # ImageNet (paper Table 3).
     Pair('r34_r18', IMAGENET, 'resnet34', 'resnet18', reviewkd_weight=1.0,
          note=_IMAGENET_SCRIPT, table='Table 3',
-         published=dict(teacher=73.31, student=69.75, kd=70.66, crd=71.17, reviewkd=71.61),
+         published=dict(teacher=73.31, student=69.75, kd=70.66, at=70.69, ofd=70.81,
+                        crd=71.17, reviewkd=71.61),
          # post-ReLU on both sides (in-place ReLU)
          student_features='stages', teacher_features='stages'),
     Pair('r50_mobilenet', IMAGENET, 'resnet50', 'mobilenet_v1', reviewkd_weight=8.0,
          note=_IMAGENET_SCRIPT, table='Table 3', mid_channels=256,
-         published=dict(teacher=76.16, student=68.87, kd=68.58, crd=71.37, reviewkd=72.56),
+         published=dict(teacher=76.16, student=68.87, kd=68.58, at=69.56, ofd=71.25,
+                        crd=71.37, reviewkd=72.56),
          # MobileNet pre-ReLU (F.relu), ResNet50 post-ReLU (in-place ReLU)
          student_features='preact', teacher_features='stages'),
 )

@@ -19,7 +19,8 @@ from tests.helpers import ROOT
 
 CONFIG_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
                       if p.stem not in ('__init__', 'args', 'pairs'))
-PARAMETERISED = ('cifar100_baseline', 'imagenet_baseline', 'cifar100_table1')
+PARAMETERISED = ('cifar100_baseline', 'imagenet_baseline', 'cifar100_table1',
+                 'cifar100_ablation_stages', 'cifar100_ablation_components')
 
 
 def _module(name):
@@ -38,6 +39,13 @@ def _all_configs():
       # the same networks as at; reviewkd is the pair files' config).
       variants = [(f'pair={p},method={m}', module.get_config(f'pair={p},method={m}'))
                   for p in module.PAIRS for m in ('fitnet', 'at', 'vid', 'ofd', 'crd')]
+    elif name == 'cifar100_ablation_stages':
+      # Every cell of the slides' stage table (tests/test_ablations.py checks the fields).
+      variants = [(f'student_stage={i},teacher_stage={j}',
+                   module.get_config(f'student_stage={i},teacher_stage={j}'))
+                  for i in module.STAGES for j in module.STAGES]
+    elif name == 'cifar100_ablation_components':
+      variants = [(f'row={r}', module.get_config(f'row={r}')) for r in module.ARGS['row']]
     else:
       variants = [('', module.get_config())]
     for arg, config in variants:
@@ -217,10 +225,11 @@ def test_published_numbers_and_dkd_betas():
   assert [pairs.get(p).published.get('reviewkd') for p in (
       'r32x4_shufflev1', 'r32x4_shufflev2', 'r50_mobilenetv2', 'wrn40x2_shufflev1')] == [
           77.45, 77.78, 69.89, None]
+  # Paper Table 3 (top-1).
   assert dict(pairs.get('r34_r18').published) == dict(
-      teacher=73.31, student=69.75, kd=70.66, crd=71.17, reviewkd=71.61)
+      teacher=73.31, student=69.75, kd=70.66, at=70.69, ofd=70.81, crd=71.17, reviewkd=71.61)
   assert dict(pairs.get('r50_mobilenet').published) == dict(
-      teacher=76.16, student=68.87, kd=68.58, crd=71.37, reviewkd=72.56)
+      teacher=76.16, student=68.87, kd=68.58, at=69.56, ofd=71.25, crd=71.37, reviewkd=72.56)
 
 
 def test_rows_are_read_only_and_unknown_pairs_list_the_names():

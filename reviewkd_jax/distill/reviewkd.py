@@ -111,6 +111,95 @@ def review_features(features: dict, kind: str) -> list[jax.Array]:
   return [*features[kind], pooled.reshape(pooled.shape[0], 1, 1, pooled.shape[-1])]
 
 
+def level_pairs(num_levels: int, *, review: bool = True, residual: bool = True,
+                stage_pair: tuple[int, int] | None = None) -> tuple[tuple[int, int], ...]:
+  """Returns the 0-based (student level, teacher level) of each output of the ReviewKD head.
+
+  The head's k-th output is compared with teacher level `pairs[k][1]` (docs/ablations.md):
+
+  - `stage_pair=(i, j)` (1-based stages, the pooled level last): `((i - 1, j - 1),)`, one
+    pair through its own transform, L_SKD;
+  - `residual`: `((0, 0), ..., (n - 1, n - 1))`, where output j is the chain's fusion of
+    student levels j..n-1 (the method; L_MKD-R in residual form);
+  - `review` without `residual`: (i, j) for every student level i and teacher level j <= i,
+    student level first, each through its own transform: L_MKD-R;
+  - neither: (i, i) for every level, each through its own transform: L_MKD.
+  """
+  if stage_pair is not None:
+    return ((stage_pair[0] - 1, stage_pair[1] - 1),)
+  if residual or not review:
+    return tuple((i, i) for i in range(num_levels))
+  return tuple((i, j) for i in range(num_levels) for j in range(i + 1))
+
+
+def check_switches(*, review: bool, residual: bool, fusion: str,
+                   stage_pair: tuple[int, int] | None = None, distance: str = 'hcl') -> None:
+  """Raises ValueError, naming the config fields to change, for a combination that is not a
+  variant of docs/ablations.md."""
+  if fusion not in FUSIONS:
+    raise ValueError(f'config.reviewkd_fusion must be one of {FUSIONS}, got {fusion!r}.')
+  if distance not in DISTANCES:
+    raise ValueError(f'config.reviewkd_distance must be one of {DISTANCES}, got {distance!r}.')
+  for name, value in (('review', review), ('residual', residual)):
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f'config.reviewkd_{name} must be True or False, got {value!r}.')
+  if stage_pair is not None:
+    if review or residual or fusion != 'none':
+      raise ValueError(
+          f'config.reviewkd_student_stage/teacher_stage={tuple(stage_pair)} distil one student '
+          'stage from one teacher stage through its own transform (single-layer distillation, '
+          "L_SKD): set reviewkd_review=False, reviewkd_residual=False and reviewkd_fusion='none'.")
+    return
+  if residual and not review:
+    raise ValueError(
+        'config.reviewkd_residual=True fuses each student level with every deeper one, which is '
+        'the review mechanism in residual form: set reviewkd_review=True, or '
+        "reviewkd_residual=False with reviewkd_fusion='none' for same-level pairs (L_MKD).")
+  if residual and fusion == 'none':
+    raise ValueError(
+        "config.reviewkd_residual=True fuses the levels of the chain: set reviewkd_fusion='abf' "
+        "(attention, the paper's) or 'sum' (plain sum of the resized features).")
+  if not residual and fusion != 'none':
+    raise ValueError(
+        f'config.reviewkd_fusion={fusion!r} fuses the residual chain, which '
+        'reviewkd_residual=False removes (every pair has its own transform): set '
+        "reviewkd_fusion='none'.")
+
+
+def config_switches(config: ml_collections.ConfigDict) -> dict:
+  """Returns the keyword arguments `review`, `residual`, `fusion`, `stage_pair` of `config`.
+
+  Raises ValueError for stage fields that name no pair: both must be 0 (every level) or both
+  >= 1.
+  """
+  stages = (config.reviewkd_student_stage, config.reviewkd_teacher_stage)
+  if stages != (0, 0) and not (isinstance(stages[0], int) and isinstance(stages[1], int)
+                               and min(stages) >= 1):
+    raise ValueError(
+        'config.reviewkd_student_stage and config.reviewkd_teacher_stage are both 0 (every '
+        'level) or both >= 1 (one pair: 1-based stages, the pooled level last), got '
+        f'{stages}.')
+  return dict(review=config.reviewkd_review, residual=config.reviewkd_residual,
+              fusion=config.reviewkd_fusion, stage_pair=None if stages == (0, 0) else stages)
+
+
+class PairTransform(nn.Module):
+  """M_s^{i,j} of the variants without the residual chain: student level i -> teacher level j.
+
+  `BN(conv1x1(x))` to the teacher level's channels (no bias, the init of ABF's conv1), then
+  the PyTorch-nearest resize to the teacher level's size (as ABF's step 3).
+  """
+  out_channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, out_size: int | Sequence[int], train: bool) -> jax.Array:
+    x = layers.conv(self.out_channels, 1, name='conv', dtype=self.dtype,
+                    kernel_init=layers.kaiming_uniform_a1)(x)
+    x = layers.batch_norm(train, name='bn', dtype=self.dtype)(x)
+    return nearest_resize(x, _hw(out_size))
+
+
 class ReviewKDStudent(nn.Module):
   """A backbone plus its ABF stack; returns `DistillOutput(logits, features, head)` with
   `head` the fused (ABF output) levels, shallow to deep.
@@ -123,6 +212,10 @@ class ReviewKDStudent(nn.Module):
       level)` (the pooled embedding).
     student_features: 'stages' (after activation: the authors' CIFAR student and ImageNet
       ResNet) or 'preact' (their ImageNet MobileNet); see docs/reviewkd.md.
+    review, residual, fusion, stage_pair: the ablation switches (`check_switches`,
+      docs/ablations.md); the defaults are the method. Without `residual`, the head is one
+      `PairTransform` per pair of `level_pairs` (named `pair_s{i}_t{j}`, 1-based stages)
+      and `head` lists their outputs in that order.
   """
   student: nn.Module
   teacher_channels: Sequence[int]
@@ -130,23 +223,44 @@ class ReviewKDStudent(nn.Module):
   mid_channels: int | None = None
   student_features: str = 'stages'
   dtype: Any = jnp.float32
+  review: bool = True
+  residual: bool = True
+  fusion: str = 'abf'
+  stage_pair: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> base.DistillOutput:
+    check_switches(review=self.review, residual=self.residual, fusion=self.fusion,
+                   stage_pair=self.stage_pair)
     logits, feats = self.student(x, train=train)
     levels = review_features(feats, self.student_features)
-    if len(levels) != len(self.teacher_channels) or len(levels) != len(self.teacher_sizes):
+    if self.stage_pair is not None:
+      i, j = self.stage_pair
+      if not (1 <= i <= len(levels) and 1 <= j <= len(self.teacher_channels)):
+        raise ValueError(
+            f'Stage pair (student {i}, teacher {j}): the student has {len(levels)} review levels '
+            f'({len(levels) - 1} {self.student_features} + pooled) and the teacher '
+            f'{len(self.teacher_channels)}; stages count from 1, the pooled level last.')
+    elif len(levels) != len(self.teacher_channels) or len(levels) != len(self.teacher_sizes):
       raise ValueError(
           f'The student has {len(levels)} review levels ({len(levels) - 1} {self.student_features}'
           f' + pooled) but teacher_channels/teacher_sizes give {len(self.teacher_channels)}/'
           f'{len(self.teacher_sizes)}: pair networks with the same number of stages.')
+    if not self.residual:
+      head = []
+      for s, t in level_pairs(len(levels), review=self.review, residual=False,
+                              stage_pair=self.stage_pair):
+        transform = PairTransform(self.teacher_channels[t], dtype=self.dtype,
+                                  name=f'pair_s{s + 1}_t{t + 1}')
+        head.append(transform(levels[s], out_size=self.teacher_sizes[t], train=train))
+      return base.DistillOutput(logits, feats, head)
     mid = self.mid_channels or min(512, levels[-1].shape[-1])
     fused = [None] * len(levels)
     residual = None
     # abfs_0 is the deepest level, as in the authors' `self.abfs = abfs[::-1]`.
     for i, level in enumerate(reversed(range(len(levels)))):
       abf = ABF(mid, self.teacher_channels[level], fuse=i > 0, dtype=self.dtype,
-                name=f'abfs_{i}')
+                fusion=self.fusion, name=f'abfs_{i}')
       fused[level], residual = abf(levels[level], residual,
                                    out_size=self.teacher_sizes[level], train=train)
     return base.DistillOutput(logits, feats, fused)
@@ -167,15 +281,19 @@ def feature_spec(model: nn.Module, input_shape: Sequence[int], kind: str
 
 def build_reviewkd(student_name: str, teacher_name: str, *, num_classes: int, image_size: int,
                    mid_channels: int | None = None, student_features: str = 'stages',
-                   teacher_features: str = 'preact', dtype: Any = jnp.float32
-                   ) -> tuple[ReviewKDStudent, nn.Module]:
-  """Returns (ReviewKD student, teacher) modules, the ABFs sized from the teacher's features."""
+                   teacher_features: str = 'preact', dtype: Any = jnp.float32,
+                   **switches) -> tuple[ReviewKDStudent, nn.Module]:
+  """Returns (ReviewKD student, teacher) modules, the ABFs sized from the teacher's features.
+
+  `switches`: `review`, `residual`, `fusion`, `stage_pair` of `ReviewKDStudent` (the
+  ablations; the defaults are the method).
+  """
   teacher = create_model(teacher_name, num_classes=num_classes, dtype=dtype)
   channels, sizes = feature_spec(teacher, (1, image_size, image_size, 3), teacher_features)
   student = ReviewKDStudent(
       student=create_model(student_name, num_classes=num_classes, dtype=dtype),
       teacher_channels=tuple(channels), teacher_sizes=tuple(sizes), mid_channels=mid_channels,
-      student_features=student_features, dtype=dtype)
+      student_features=student_features, dtype=dtype, **switches)
   return student, teacher
 
 
@@ -185,15 +303,25 @@ def _build(config, spec, dtype):
   return build_reviewkd(
       config.model, config.teacher, num_classes=spec.num_classes, image_size=spec.image_size,
       mid_channels=config.mid_channels or None, student_features=config.student_features,
-      teacher_features=config.teacher_features, dtype=dtype)
+      teacher_features=config.teacher_features, dtype=dtype, **config_switches(config))
+
+
+_DISTANCES = {'hcl': losses.hcl, 'mse': losses.feature_mse}
 
 
 def _terms(ctx: base.LossContext) -> tuple[dict, dict]:
+  """Returns lambda * warm-up * D(head, teacher levels), D = HCL (the method) or MSE, under
+  the distance's name."""
   config = ctx.config
   teacher_levels = review_features(ctx.teacher_out.features, config.teacher_features)
-  hcl = losses.hcl(ctx.student_out.head, teacher_levels)
+  switches = config_switches(config)
+  pairs = level_pairs(len(teacher_levels), review=switches['review'],
+                      residual=switches['residual'], stage_pair=switches['stage_pair'])
+  targets = [teacher_levels[t] for _, t in pairs]
+  name = config.reviewkd_distance
+  distance = _DISTANCES[name](ctx.student_out.head, targets)
   lam = config.reviewkd_weight * base.warmup_factor(ctx.epoch, config.reviewkd_warmup_epochs)
-  return {'hcl': lam * hcl}, {'hcl': hcl, 'lambda': lam}
+  return {name: lam * distance}, {name: distance, 'lambda': lam}
 
 
 def _check(config):
@@ -201,6 +329,11 @@ def _check(config):
     if config[field] not in FEATURE_KINDS:
       raise ValueError(f'config.{field} must be one of {FEATURE_KINDS}, got '
                        f'{config[field]!r}.')
+  check_switches(**config_switches(config), distance=config.reviewkd_distance)
+  if config.mid_channels and not config.reviewkd_residual:
+    raise ValueError(
+        f'config.mid_channels={config.mid_channels} sets the width of the ABFs of the residual '
+        'chain, which reviewkd_residual=False removes: set mid_channels=0.')
 
 
 base.register_method(base.Method(

@@ -7,6 +7,8 @@ the student side first, applies `stop_gradient` to the teacher side, and include
   (MSE + sum_l w_l MSE(pool_l(fs), pool_l(ft))) / (1 + sum_l w_l), l in {4, 2, 1} below the
   map size, w = 1/2, 1/4, 1/8; Chen et al., "Distilling Knowledge via Knowledge Review",
   CVPR 2021.
+- `feature_mse`: sum over levels of mean((fs - ft)^2), HCL without its pyramid (ReviewKD's
+  ablations).
 - `cross_entropy`: mean softmax cross-entropy with integer labels.
 - `kd_loss`: KL(softmax(t/T) || softmax(s/T)) * T^2; Hinton et al., "Distilling the Knowledge
   in a Neural Network", 2015.
@@ -41,10 +43,10 @@ from reviewkd_jax.losses.methods import (at_loss, attention_map, crd_loss, dkd_l
                                          dkd_warmup, fitnet_loss, match_spatial, nce_loss,
                                          ofd_loss, ofd_partial_l2, pkt_loss, rkd_loss,
                                          vid_loss)
-from reviewkd_jax.losses.review import adaptive_avg_pool, hcl, hcl_level
+from reviewkd_jax.losses.review import adaptive_avg_pool, feature_mse, hcl, hcl_level
 
 __all__ = [
     'adaptive_avg_pool', 'at_loss', 'attention_map', 'crd_loss', 'cross_entropy', 'dkd_loss',
-    'dkd_warmup', 'fitnet_loss', 'hcl', 'hcl_level', 'kd_loss', 'match_spatial', 'nce_loss',
-    'ofd_loss', 'ofd_partial_l2', 'pkt_loss', 'rkd_loss', 'vid_loss'
+    'dkd_warmup', 'feature_mse', 'fitnet_loss', 'hcl', 'hcl_level', 'kd_loss', 'match_spatial',
+    'nce_loss', 'ofd_loss', 'ofd_partial_l2', 'pkt_loss', 'rkd_loss', 'vid_loss'
 ]

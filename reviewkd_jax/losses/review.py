@@ -1,4 +1,5 @@
-"""HCL, the hierarchical context loss of ReviewKD, with PyTorch's adaptive pooling bins."""
+"""HCL, the hierarchical context loss of ReviewKD, with PyTorch's adaptive pooling bins, and
+the plain per-level MSE that ReviewKD's ablations use in its place."""
 from __future__ import annotations
 
 import functools
@@ -72,3 +73,26 @@ def hcl(student_features: Sequence[jax.Array], teacher_features: Sequence[jax.Ar
                      f'{len(teacher_features)} teacher levels')
   return sum((hcl_level(fs, ft) for fs, ft in zip(student_features, teacher_features)),
              jnp.zeros((), jnp.float32))
+
+
+def feature_mse(student_features: Sequence[jax.Array], teacher_features: Sequence[jax.Array]
+                ) -> jax.Array:
+  """Returns sum over levels of mean((fs - ft)^2), a float32 scalar: HCL without its pyramid.
+
+  The distance of ReviewKD's ablations without HCL (Chen et al., CVPR 2021, Table 7); on a
+  1x1 level it equals `hcl_level`.
+
+  Args:
+    student_features: NHWC arrays, one per level (or per distilled pair), any order.
+    teacher_features: NHWC arrays of the same shapes, in the same order.
+  """
+  if len(student_features) != len(teacher_features):
+    raise ValueError(f'feature_mse got {len(student_features)} student levels and '
+                     f'{len(teacher_features)} teacher levels')
+  total = jnp.zeros((), jnp.float32)
+  for fs, ft in zip(student_features, teacher_features):
+    if fs.shape != ft.shape:
+      raise ValueError(f'feature_mse needs equal shapes per level, got student {fs.shape} and '
+                       f'teacher {ft.shape}')
+    total = total + _mse(fs.astype(jnp.float32), ft.astype(jnp.float32))
+  return total
