@@ -75,6 +75,24 @@ def test_processes_get_disjoint_shares():
   assert masks == 450
 
 
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(digits, process_count):
+  """The processes' local batches of step s, concatenated in process order, are the
+  one-process batch of step s: same examples, same order, same augmentation."""
+  shares = [data.create_input_pipeline(_config(), process_index=p,
+                                       process_count=process_count)
+            for p in range(process_count)]
+  for epoch, start in ((0, 0), (2, 5)):  # also from the middle of an epoch (resumption)
+    whole = list(digits.train_batches(epoch, start))
+    local = [list(s.train_batches(epoch, start)) for s in shares]
+    assert all(len(batches) == len(whole) for batches in local)
+    for step, batch in enumerate(whole):
+      for key in ('image', 'label', 'index'):
+        np.testing.assert_array_equal(
+            np.concatenate([local[p][step][key] for p in range(process_count)]), batch[key],
+            err_msg=f'{key} of step {step}')
+
+
 def test_batch_must_divide_over_processes():
   with pytest.raises(ValueError, match='divisible by the number of processes'):
     data.create_input_pipeline(_config(batch_size=63), process_index=0, process_count=2)

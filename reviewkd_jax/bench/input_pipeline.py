@@ -33,20 +33,20 @@ JPEG_SHAPES = ((375, 500), (500, 375), (333, 500), (500, 333), (400, 400), (300,
 class SyntheticArraySource:
   """A CIFAR-sized in-memory source: random uint8 images, labels and indices."""
 
+  in_memory = True
+
   def __init__(self, spec: data.DatasetSpec, num_train: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     self.num_train, self.num_eval = num_train, 0
-    self.local_num_train = num_train
     self._images = rng.integers(0, 256, (num_train, *spec.image_shape), dtype=np.uint8)
     self._labels = rng.integers(0, spec.num_classes, (num_train,), dtype=np.int32)
     self.train_labels = self._labels
 
-  def train_examples(self, epoch_seed: int) -> tf.data.Dataset:
-    """Returns the examples in a permutation drawn from the seed (as `ArraySource`)."""
-    order = np.random.default_rng(epoch_seed).permutation(self.num_train)
+  def train_examples_at(self, rows: np.ndarray) -> tf.data.Dataset:
+    """Returns the examples at `rows`, in that order (as `ArraySource`)."""
     return tf.data.Dataset.from_tensor_slices({
-        'image': self._images[order], 'label': self._labels[order],
-        'index': order.astype(np.int32)})
+        'image': self._images[rows], 'label': self._labels[rows],
+        'index': rows.astype(np.int32)})
 
 
 def synthetic_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
@@ -66,6 +66,7 @@ def synthetic_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]
 
 class SyntheticJpegSource:
   """A streamed source of encoded JPEGs (as `TfdsStreamSource` yields them), cycled."""
+  in_memory = False
 
   def __init__(self, jpegs: list[bytes], num_train: int, num_classes: int, seed: int = 0):
     self.num_train, self.num_eval = num_train, 0

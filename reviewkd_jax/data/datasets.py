@@ -1,9 +1,10 @@
 """The datasets the trainer knows: their facts (classes, sizes, normalisation) and sources.
 
-A source hands out examples of one process's share of a split as `tf.data` datasets of
-`{'image', 'label', 'index'}`; `pipeline.py` turns them into batches. Small datasets
-(CIFAR-100, digits) are held in host memory and permuted exactly per epoch; ImageNet is
-streamed from tfds's files with the JPEGs left encoded until the crop is known.
+A source hands out examples as `tf.data` datasets of `{'image', 'label', 'index'}`;
+`pipeline.py` turns them into batches. Small datasets (CIFAR-100, digits) are held in host
+memory by every process and permuted exactly per epoch, the same permutation on every
+process; ImageNet is streamed from tfds's files, each process reading its share, with the
+JPEGs left encoded until the crop is known.
 """
 from __future__ import annotations
 
@@ -117,13 +118,17 @@ def _process_slice(n: int, process_index: int, process_count: int) -> slice:
 
 
 class ArraySource:
-  """A dataset held in host memory; each process keeps its share of every split."""
+  """A dataset held in host memory: every process holds the whole training split (the global
+  batches are drawn from it, so their content does not depend on the process count) and its
+  own share of the evaluation split."""
+  in_memory = True
 
   def __init__(self, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                *, process_index: int, process_count: int):
     self.num_train, self.num_eval = len(train[1]), len(test[1])
-    self._train_labels = np.asarray(train[1], np.int32)
-    self._train = self._share(train, process_index, process_count)
+    images, labels = train
+    self._train = {'image': images, 'label': np.asarray(labels, np.int32),
+                   'index': np.arange(self.num_train, dtype=np.int32)}
     self._eval = self._share(test, process_index, process_count)
 
   @staticmethod
@@ -134,19 +139,13 @@ class ArraySource:
             'index': np.arange(len(labels), dtype=np.int32)[part]}
 
   @property
-  def local_num_train(self) -> int:
-    """Returns the number of training examples this process holds."""
-    return len(self._train['label'])
-
-  @property
   def train_labels(self) -> np.ndarray:
-    """Returns the labels of the whole training split (every process's), by dataset index."""
-    return self._train_labels
+    """Returns the labels of the whole training split, by dataset index."""
+    return self._train['label']
 
-  def train_examples(self, epoch_seed: int) -> tf.data.Dataset:
-    """Returns this process's training examples in an exact permutation drawn from the seed."""
-    order = np.random.default_rng(epoch_seed).permutation(self.local_num_train)
-    return tf.data.Dataset.from_tensor_slices({k: v[order] for k, v in self._train.items()})
+  def train_examples_at(self, rows: np.ndarray) -> tf.data.Dataset:
+    """Returns the training examples at dataset indices `rows`, in that order."""
+    return tf.data.Dataset.from_tensor_slices({k: v[rows] for k, v in self._train.items()})
 
   def eval_examples(self) -> tf.data.Dataset:
     """Returns this process's evaluation examples in dataset order."""
@@ -154,7 +153,9 @@ class ArraySource:
 
 
 class TfdsStreamSource:
-  """A tfds dataset read from its files with images left encoded (ImageNet)."""
+  """A tfds dataset read from its files with images left encoded (ImageNet); each process
+  reads its own share of the files, so its batches depend on the process count."""
+  in_memory = False
 
   def __init__(self, builder, spec: DatasetSpec, *, process_index: int, process_count: int,
                shuffle_buffer: int, train_split: str):

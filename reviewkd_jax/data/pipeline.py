@@ -1,10 +1,17 @@
 """Batches for one process: deterministic from (seed, epoch), resumable mid-epoch.
 
 Training: an epoch is `steps_per_epoch = num_train // global_batch` full batches
-(`drop_remainder`); example k of epoch e on process p is augmented with the stateless seed
-(hash(seed, e, p), k), so starting an epoch at step s yields exactly the batches an
-uninterrupted run sees from step s on. Evaluation: every example exactly once, the last
-batch padded with `mask == 0` examples so that every process runs the same number of steps.
+(`drop_remainder`). In-memory datasets (CIFAR-100, digits): every process draws the same
+permutation of the whole training split from (seed, epoch); global batch s is the
+permutation's positions [s * B, (s + 1) * B), process p takes its consecutive rows of it,
+and the example at position k is augmented with the stateless seed (hash(seed, e), k). So
+the global batch of every step (its examples, their order and their augmentation) is the
+same whether 1, 2 or 8 processes load it. Streamed datasets (ImageNet): each process
+shuffles and augments its own share of the files with hash(seed, e, p), so the batches
+depend on the process count (still deterministic for a given count). Either way, starting
+an epoch at step s yields exactly the batches an uninterrupted run sees from step s on.
+Evaluation: every example exactly once, the last batch padded with `mask == 0` examples so
+that every process runs the same number of steps.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ class InputPipeline:
         raise ValueError(f'config.{name}={size} must be divisible by the number of processes '
                          f'({process_count}); it is the global batch.')
     self.spec, self.source = spec, source
-    self.seed, self.process_index = seed, process_index
+    self.seed, self.process_index, self.process_count = seed, process_index, process_count
     self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
     self.local_batch = batch_size // process_count
     self.local_eval_batch = eval_batch_size // process_count
@@ -55,18 +62,34 @@ class InputPipeline:
     return self.source.num_eval
 
   def epoch_seed(self, epoch: int) -> int:
-    """Returns the 31-bit seed of this process's shuffle and augmentation in `epoch`."""
-    state = np.random.SeedSequence([self.seed, epoch, self.process_index]).generate_state(1)
+    """Returns the 31-bit seed of the shuffle and augmentation in `epoch`: the same on every
+    process for in-memory datasets, this process's own for streamed ones."""
+    process = 0 if self.source.in_memory else self.process_index
+    state = np.random.SeedSequence([self.seed, epoch, process]).generate_state(1)
     return int(state[0] >> 1)
+
+  def global_rows(self, epoch: int, start_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (dataset indices, positions in the epoch) of this process's rows of the global
+    batches of `epoch` from `start_step` on (in-memory datasets)."""
+    order = np.random.default_rng(self.epoch_seed(epoch)).permutation(self.num_train)
+    positions = np.arange(self.steps_per_epoch * self.batch_size).reshape(
+        self.steps_per_epoch, self.process_count, self.local_batch)
+    positions = positions[start_step:, self.process_index].reshape(-1)
+    return order[positions], positions
 
   def train_dataset(self, epoch: int, start_step: int = 0) -> tf.data.Dataset:
     """Returns the batches of `epoch` from `start_step` on, as a tf.data pipeline."""
     if not 0 <= start_step <= self.steps_per_epoch:
       raise ValueError(f'start_step {start_step} outside [0, {self.steps_per_epoch}]')
     epoch_seed = self.epoch_seed(epoch)
-    ds = self.source.train_examples(epoch_seed)
-    ds = ds.take(self.steps_per_epoch * self.local_batch).enumerate()
-    ds = ds.skip(start_step * self.local_batch)
+    if self.source.in_memory:
+      rows, positions = self.global_rows(epoch, start_step)
+      ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(positions.astype(np.int64)),
+                               self.source.train_examples_at(rows))
+    else:
+      ds = self.source.train_examples(epoch_seed)
+      ds = ds.take(self.steps_per_epoch * self.local_batch).enumerate()
+      ds = ds.skip(start_step * self.local_batch)
 
     def augment(position, example):
       seed = tf.stack([tf.constant(epoch_seed, tf.int64), position])

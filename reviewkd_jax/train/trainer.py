@@ -28,9 +28,15 @@ from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import step as step_lib
 from reviewkd_jax.train import teacher as teacher_lib
 
-# A checkpoint is only resumed by a run that would replay the same steps.
+# A checkpoint is only resumed by a run that would replay the same steps: these fields of
+# its metadata must equal the config's.
 _RESUME_KEYS = ('dataset', 'train_subset', 'model', 'method', 'teacher', 'batch_size',
                 'steps_per_epoch', 'seed')
+# ReviewKD's ablation switches (docs/ablations.md), with the value a checkpoint written
+# before they existed implies.
+_RESUME_SWITCHES = {'reviewkd_review': True, 'reviewkd_residual': True,
+                    'reviewkd_fusion': 'abf', 'reviewkd_distance': 'hcl',
+                    'reviewkd_student_stage': 0, 'reviewkd_teacher_stage': 0}
 
 
 @dataclasses.dataclass
@@ -142,14 +148,14 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   reading the workdir but writing nothing."""
   mesh = state_lib.make_mesh(devices)
   method = setup_lib.check_config(config, mesh)
+  pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   if method.uses_teacher and not config.teacher_checkpoint:
     raise ValueError(
         f'config.method={config.method!r} distils from a teacher: set '
         '--config.teacher_checkpoint=PATH, a .pt/.pth state_dict (torchvision\'s weights for '
         'ImageNet teachers) or the workdir of a baseline run of this trainer (e.g. of '
         'configs/cifar100_baseline.py:model=resnet56).')
-  pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
   # This run's training-set size (train_subset, mock data), e.g. for CRD's memory bank.
   spec = dataclasses.replace(data.get_spec(config.dataset), num_train=pipeline.num_train)
   run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=pipeline.steps_per_epoch)
@@ -157,7 +163,8 @@ def _set_up(config, workdir: str, devices) -> _Setup:
               'model': config.model, 'method': config.method,
               'teacher': config.teacher, 'batch_size': config.batch_size,
               'steps_per_epoch': run.steps_per_epoch, 'seed': config.seed,
-              'num_classes': spec.num_classes}
+              'num_classes': spec.num_classes,
+              **{k: config[k] for k in _RESUME_SWITCHES if config.method == 'reviewkd'}}
   # The workdir: another experiment's is refused before any array is read.
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
@@ -185,8 +192,10 @@ def _set_up(config, workdir: str, devices) -> _Setup:
 
 def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
   """Raises OtherRunError unless a checkpoint's `meta` is of the run `run_meta` describes."""
-  changed = [f'{k}: {meta.get(k)!r} in the checkpoint, {run_meta[k]!r} in the config'
-             for k in _RESUME_KEYS if meta.get(k) != run_meta[k]]
+  keys = [*_RESUME_KEYS, *(k for k in _RESUME_SWITCHES if k in run_meta)]
+  changed = [f'{k}: {meta.get(k, _RESUME_SWITCHES.get(k))!r} in the checkpoint, '
+             f'{run_meta[k]!r} in the config'
+             for k in keys if meta.get(k, _RESUME_SWITCHES.get(k)) != run_meta[k]]
   if changed:
     raise checkpoint_lib.OtherRunError(
         f'{workdir} holds the checkpoints of a different run ({"; ".join(changed)}), which '
@@ -328,9 +337,10 @@ def _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer
                        f'{spec.name}, evaluated every {config.eval_every_epochs} epoch(s)'})
   writer.write_scalars(step, {'eval/top1': metrics['top1'], 'eval/top5': metrics['top5'],
                               'eval/loss': metrics['loss'], 'eval/best_top1': book.best['top1']})
-  logging.info('epoch %d/%d: eval top-1 %.2f%%, top-5 %.2f%%, loss %.4f (best top-1 %.2f%% '
-               'at epoch %d)', epoch, config.num_epochs, metrics['top1'], metrics['top5'],
-               metrics['loss'], book.best['top1'], book.best['epoch'])
+  logging.info('epoch %d/%d: eval top-1 %.2f%%, top-5 %.2f%%, loss %.4f (%d images); best '
+               'top-1 %.2f%% at epoch %d', epoch, config.num_epochs, metrics['top1'],
+               metrics['top5'], metrics['loss'], metrics['count'], book.best['top1'],
+               book.best['epoch'])
 
 
 def _final_model(run, eval_step, state, step, pipeline, ckpts, writer, logger,
