@@ -37,29 +37,54 @@ class MetricLogger:
 
   `add` keeps the device arrays (no host sync); `flush` fetches them, checks that every loss
   is finite, writes the means plus steps/s, images/s and the ETA, and logs a progress line.
-  Time spent inside `paused()` (evaluation, checkpoints) is left out of the speed.
+  The speed counts training steps only: the first step (which compiles) is timed and
+  reported on its own, and time spent inside `paused(what)` (evaluation, checkpoints) is
+  left out and reported per `what`. Steps are dispatched asynchronously, so a pause first
+  waits for the steps already dispatched: their time is training time.
   """
 
   def __init__(self, writer: metric_writers.MetricWriter, *, total_steps: int,
-               steps_per_epoch: int, global_batch: int, nonfinite_hint=lambda: ''):
+               steps_per_epoch: int, global_batch: int, nonfinite_hint=lambda: '',
+               clock=time.monotonic):
     self._writer = writer
     self._total, self._per_epoch, self._batch = total_steps, steps_per_epoch, global_batch
     self._hint = nonfinite_hint
+    self._clock = clock
     self._pending: list[dict] = []
-    self._t0 = time.monotonic()
+    self._t0 = clock()
+    self._first = True
+    self._untimed = 0                       # steps in `_pending` the speed leaves out
+    self._paused: dict[str, float] = {}     # since the last flush
+    self._paused_total = 0.0                # over the run, for the ETA
+    self._timed_steps = 0                   # steps whose time the speed counts
+    self._train_total = 0.0
     self.history: list[dict] = []
 
   @contextlib.contextmanager
-  def paused(self):
-    """Leaves the time spent in this block out of the speed measurement."""
-    start = time.monotonic()
+  def paused(self, what: str):
+    """Leaves the time spent in this block out of the speed; reports it as `what`."""
+    if self._pending:
+      jax.block_until_ready(self._pending[-1])
+    start = self._clock()
     try:
       yield
     finally:
-      self._t0 += time.monotonic() - start
+      spent = self._clock() - start
+      self._t0 += spent
+      self._paused[what] = self._paused.get(what, 0.0) + spent
+      self._paused_total += spent
 
   def add(self, metrics: dict) -> None:
     """Records one step's metrics (device arrays)."""
+    if self._first:  # the first step compiles: time it alone, then start the speed clock
+      self._first = False
+      jax.block_until_ready(metrics)
+      logging.info('First step done in %s (compilation included; not counted in the speed).',
+                   format_duration(self._clock() - self._t0))
+      self._t0 = self._clock()
+      self._pending.append(metrics)
+      self._untimed = 1
+      return
     self._pending.append(metrics)
 
   def flush(self, step: int) -> dict | None:
@@ -78,20 +103,30 @@ class MetricLogger:
           f'Non-finite loss at step {at} (epoch {(at - 1) // self._per_epoch}): '
           f'{", ".join(f"{k}={v}" for k, v in bad.items())}. Training stopped before saving '
           f'anything at this point. {self._hint()}')
-    elapsed = max(time.monotonic() - self._t0, 1e-9)
-    steps_per_sec = n / elapsed
-    eta = (self._total - step) / steps_per_sec
+    timed, self._untimed = n - self._untimed, 0
+    elapsed = self._clock() - self._t0
+    self._timed_steps += timed
+    self._train_total += elapsed
+    steps_per_sec = (timed / elapsed if timed and elapsed > 0 else
+                     self._timed_steps / max(self._train_total, 1e-9))
+    # ETA: the remaining steps at this speed, plus evaluation/checkpoint time at the rate
+    # seen so far per step.
+    overhead = self._paused_total / max(step, 1)
+    eta = (self._total - step) * (1 / max(steps_per_sec, 1e-9) + overhead)
+    paused = {f'{k}_seconds': v for k, v in sorted(self._paused.items())}
     means.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * self._batch,
-                 epoch=step / self._per_epoch, eta_hours=eta / 3600)
+                 epoch=step / self._per_epoch, eta_hours=eta / 3600, **paused)
     self._writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
     losses = ', '.join(f'{k[5:]} {v:.4f}' for k, v in means.items() if k.startswith('loss_'))
     extra = f' lambda {means["lambda"]:.3f}' if 'lambda' in means else ''
+    other = ''.join(f', {k} {format_duration(v)}' for k, v in sorted(self._paused.items()))
     logging.info(
         'step %d/%d (epoch %.2f) | loss %.4f (%s)%s | top-1 %.2f%% | lr %.4g | %.2f steps/s, '
-        '%.0f img/s | ETA %s', step, self._total, step / self._per_epoch, means['loss'], losses,
-        extra, means['top1'], means['lr'], steps_per_sec, means['images_per_sec'],
-        format_duration(eta))
+        '%.0f img/s (training only%s) | ETA %s', step, self._total, step / self._per_epoch,
+        means['loss'], losses, extra, means['top1'], means['lr'], steps_per_sec,
+        means['images_per_sec'], other, format_duration(eta))
     self.history.append({'step': step, **means})
     self._pending = []
-    self._t0 = time.monotonic()
+    self._paused = {}
+    self._t0 = self._clock()
     return means

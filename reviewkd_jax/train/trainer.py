@@ -313,7 +313,7 @@ def _save(ckpts, logger, book: _Progress, state, step: int, run_meta: dict) -> N
   """Saves the TrainState at `step` unless it is on disk already."""
   logger.flush(step)  # never checkpoint a state that produced a non-finite loss
   if book.saved_step != step:
-    with logger.paused():
+    with logger.paused('checkpoint'):
       ckpts.save(step, state, {**run_meta, 'step': step,
                                'epoch': step / run_meta['steps_per_epoch']})
     book.saved_step = step
@@ -324,7 +324,7 @@ def _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer
   """Evaluates the backbone; exports it as `best` if its top-1 is the highest so far."""
   config, spec = run.config, run.spec
   epoch = step // run.steps_per_epoch
-  with logger.paused():
+  with logger.paused('eval'):
     metrics = step_lib.evaluate(eval_step, run.backbone_variables(state), pipeline, run.mesh,
                                 prefetch=config.prefetch_batches)
     book.last_eval = {**metrics, 'epoch': epoch, 'step': step}
