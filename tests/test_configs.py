@@ -348,3 +348,16 @@ def test_unknown_method_lists_the_known_ones():
   with pytest.raises(ValueError, match='Known methods: at, crd, dkd, fitnet, kd, none, ofd, '
                                        r'pkt, reviewkd, rkd, vid\.'):
     get_method('crd_v2')
+
+
+def test_demo_suite_compares_seeded_groups_against_a_teacher_that_knows_more():
+  config = importlib.import_module('configs.demo_digits').get_config()
+  assert config.run_order[0] == 'teacher'
+  assert config.runs.teacher.train_subset == 0  # the whole training split
+  groups = {name: [config.runs[r] for r in runs] for name, runs in config.groups.items()}
+  assert set(config.compare) == set(groups)
+  for runs in groups.values():
+    assert len({r.seed for r in runs}) == len(runs) >= 3
+    assert {r.train_subset for r in runs} == {100}
+  assert {r.method for r in groups['student + ReviewKD']} == {'reviewkd'}
+  assert all(name in config.run_order for runs in config.groups.values() for name in runs)

@@ -204,3 +204,15 @@ def test_teacher_checkpoint_of_another_network_is_refused(suite):
 def test_distillation_without_teacher_checkpoint_says_what_to_set(tmp_path):
   with pytest.raises(ValueError, match='--config.teacher_checkpoint=PATH'):
     train_and_evaluate(_reviewkd(''), str(tmp_path), devices=ONE_DEVICE)
+
+
+def test_suite_groups_comparison_sentence():
+  from reviewkd_jax.train import suite  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'compare': ('b', 'a'), 'teacher_note': 'more data'})
+  summary = {'groups': {'a': suite._group_stats([90.0, 91.0, 92.0]),  # pylint: disable=protected-access
+                        'b': suite._group_stats([93.0, 94.0, 95.0])},  # pylint: disable=protected-access
+             'runs': {'teacher': {'model': 'resnet20', 'final_top1': 97.5}}}
+  sentence = suite._comparison(config, summary)  # pylint: disable=protected-access
+  assert sentence == ('b: +3.00 points over a (final top-1, mean over 3 seeds; more than the '
+                      'spread over seeds). Teacher resnet20: 97.50%, more data.')
+  assert summary['comparison']['spread'] == 1.0

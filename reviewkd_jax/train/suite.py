@@ -1,10 +1,12 @@
-"""Suites: several runs of one config file in order (the offline demo: teacher, student
-alone, student with ReviewKD), each in its own folder of the workdir, then a summary table.
+"""Suites: several runs of one config file in order (the offline demo: a teacher, then
+students alone and with ReviewKD over several seeds), each in its own folder of the workdir,
+then a summary: a table, an optional comparison of groups of runs, and a plot.
 """
 from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import jax
 import ml_collections
@@ -12,6 +14,8 @@ from absl import logging
 from etils import epath
 
 from reviewkd_jax.train.trainer import RunResult, train_and_evaluate
+
+PLOT_FILE = 'accuracy.png'
 
 
 def is_suite(config: ml_collections.ConfigDict) -> bool:
@@ -25,7 +29,9 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
 
   '{workdir}' in a run's `teacher_checkpoint` names the suite's workdir, so a run can distil
   from a teacher an earlier run trained. Prints and writes (`summary.json`) the final and
-  best top-1 of every run.
+  best top-1 of every run; with `config.groups` (name -> run names) and `config.compare`
+  (two group names), also each group's mean and spread and the difference of the two means,
+  in one sentence; and plots every run's evaluations (`accuracy.png`).
   """
   results = {}
   for name in config.run_order:
@@ -33,19 +39,85 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
     run.teacher_checkpoint = run.teacher_checkpoint.replace('{workdir}', workdir)
     logging.info('=== %s: %s (method %s) in %s/%s', name, run.model, run.method, workdir, name)
     results[name] = train_and_evaluate(run, f'{workdir}/{name}', devices=devices)
+  summary = {'runs': _run_summaries(config, results)}
   lines = [f'Results on {config.runs[config.run_order[0]].dataset} (eval split), '
            'final / best top-1:']
-  summary = {}
+  for name, row in summary['runs'].items():
+    lines.append(f'  {name:<12} {row["who"]:<36} {row["final_top1"]:6.2f}% / '
+                 f'{row["best_top1"]:6.2f}%')
+  if 'groups' in config:
+    summary['groups'] = {group: _group_stats([summary['runs'][n]['final_top1'] for n in names])
+                         for group, names in config.groups.items()}
+    for group, stats in summary['groups'].items():
+      lines.append(f'  {group}: {stats["mean"]:.2f}% +- {stats["std"]:.2f} (final top-1, mean '
+                   f'+- standard deviation over {stats["count"]} runs)')
+  if 'compare' in config:
+    lines.append(_comparison(config, summary))
+  if jax.process_index() == 0:
+    print('\n'.join(lines), flush=True)
+    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2))
+    _plot(results, epath.Path(workdir) / PLOT_FILE)
+  return results
+
+
+def _run_summaries(config, results: dict[str, RunResult]) -> dict[str, dict]:
+  rows = {}
   for name, result in results.items():
     run = config.runs[name]
     who = run.model + (f' + {run.method} from {run.teacher}' if run.method != 'none' else
                        ' alone')
-    final = result.final['top1'] if result.final else float('nan')
-    best = result.best['top1'] if result.best else float('nan')
-    lines.append(f'  {name:<10} {who:<36} {final:6.2f}% / {best:6.2f}%')
-    summary[name] = {'model': run.model, 'method': run.method, 'teacher': run.teacher,
-                     'final_top1': final, 'best_top1': best}
-  if jax.process_index() == 0:
-    print('\n'.join(lines), flush=True)
-    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2))
-  return results
+    rows[name] = {'who': who, 'model': run.model, 'method': run.method,
+                  'teacher': run.teacher, 'seed': run.seed,
+                  'final_top1': result.final['top1'] if result.final else float('nan'),
+                  'best_top1': result.best['top1'] if result.best else float('nan')}
+  return rows
+
+
+def _group_stats(values: list[float]) -> dict:
+  """Returns mean, sample standard deviation (0 for one value), min, max and count."""
+  return {'mean': statistics.fmean(values),
+          'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+          'min': min(values), 'max': max(values), 'count': len(values)}
+
+
+def _comparison(config, summary: dict) -> str:
+  """Returns the one sentence that says what the suite shows."""
+  better, base = (summary['groups'][g] for g in config.compare)
+  gain = better['mean'] - base['mean']
+  spread = max(better['std'], base['std'])
+  verdict = ('more than the spread over seeds' if abs(gain) > spread else
+             'within the spread over seeds: no conclusion')
+  sentence = (f'{config.compare[0]}: {gain:+.2f} points over {config.compare[1]} (final top-1, '
+              f'mean over {base["count"]} seeds; {verdict}).')
+  if 'teacher' in summary['runs']:
+    teacher = summary['runs']['teacher']
+    note = f', {config.teacher_note}' if 'teacher_note' in config else ''
+    sentence += f' Teacher {teacher["model"]}: {teacher["final_top1"]:.2f}%{note}.'
+  summary['comparison'] = {'groups': list(config.compare), 'gain': gain, 'spread': spread,
+                           'sentence': sentence}
+  return sentence
+
+
+def _plot(results: dict[str, RunResult], path: epath.Path) -> None:
+  """Writes every run's held-out top-1 over the epochs (this invocation's evaluations)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('matplotlib is not installed: no %s.', path.name)
+    return
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  for name, result in results.items():
+    if result.evals:
+      ax.plot([e['epoch'] for e in result.evals], [e['top1'] for e in result.evals],
+              marker='o', markersize=3, label=name,
+              linestyle='-' if not name.startswith('student') else '--')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('held-out top-1 (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  fig.tight_layout()
+  with path.open('wb') as f:
+    fig.savefig(f, format='png')
+  plt.close(fig)

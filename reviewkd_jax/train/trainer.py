@@ -50,6 +50,7 @@ class RunResult:
   best: dict | None           # eval metrics and epoch of the best model so far
   teacher: dict | None        # the teacher's eval metrics (None without a teacher)
   history: list[dict]         # the logged training metrics, one dict per logging point
+  evals: list[dict] = dataclasses.field(default_factory=list)  # this call's evaluations
 
 
 @dataclasses.dataclass
@@ -58,6 +59,7 @@ class _Progress:
   saved_step: int | None      # the step of the newest TrainState on disk
   best: dict | None           # {'top1', 'top5', 'epoch'} of the best model so far
   last_eval: dict | None      # the newest evaluation, with its 'epoch' and 'step'
+  evals: list[dict] = dataclasses.field(default_factory=list)  # every one of this call
 
 
 class _StopSignal:
@@ -264,7 +266,7 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
           logging.warning('Stopped for preemption at step %d; rerun with the same --workdir '
                           'to resume.', step)
           return RunResult(workdir, state, step, total_steps, None, book.best, teacher_eval,
-                           logger.history)
+                           logger.history, book.evals)
       if step % steps_per_epoch == 0:
         epochs_done = step // steps_per_epoch
         if epochs_done % config.eval_every_epochs == 0 or step == total_steps:
@@ -286,7 +288,7 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
     logging.info('Stopped at step %d of %d (config.stop_after_step); rerun with the same '
                  '--workdir to continue.', step, total_steps)
   return RunResult(workdir, state, step, total_steps, final, book.best, teacher_eval,
-                   logger.history)
+                   logger.history, book.evals)
 
 
 def _evaluate_teacher(run, teacher_variables, source, pipeline, writer, step) -> dict:
@@ -328,6 +330,7 @@ def _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer
     metrics = step_lib.evaluate(eval_step, run.backbone_variables(state), pipeline, run.mesh,
                                 prefetch=config.prefetch_batches)
     book.last_eval = {**metrics, 'epoch': epoch, 'step': step}
+    book.evals.append(book.last_eval)
     if book.best is None or metrics['top1'] > book.best['top1']:
       book.best = {'top1': metrics['top1'], 'top5': metrics['top5'], 'epoch': epoch}
       ckpts.save_model(checkpoint_lib.BEST, step, run.backbone_variables(state), {
