@@ -14,8 +14,10 @@ Measures, on synthetic batches already on the device:
   as the authors' loop runs it, and the first step's losses of both frameworks;
 - the training input pipeline per host on synthetic CIFAR-100 arrays and ImageNet-sized
   JPEGs (`--input_pipeline`).
-Frameworks alternate in `--rounds` rounds so a change in machine load hits both alike.
-Prints a table; `--json` writes everything (machine, command, date included).
+Frameworks alternate in `--rounds` rounds (J, T, J, T, ...) so a change in machine load hits
+both alike; each round's JAX-over-PyTorch speed-up and the load average are reported, with a
+warning when the load exceeded the core count. Prints a table; `--json` writes everything
+(machine, command, date, load before/after included).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import json
 import math
 import os
 import sys
+
+import numpy as np
 
 from absl import app
 from absl import flags
@@ -122,14 +126,29 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
 
   for runner in runners.values():
     runner.warmup(warmup)
-  done = 0
+  # Rounds: every framework runs `per_round` timed steps in turn (J, T, J, T, ...), so a
+  # change of machine load hits them alike; each round's ratio is reported on its own.
+  rounds_report, done = [], 0
   while done < steps:
     n = min(per_round, steps - done)
+    this_round = {'load_average': os.getloadavg()[0]}
     for name, runner in runners.items():
+      first = len(runner.synced)
       runner.run_synced(n)
+      this_round[f'{name}_ms'] = float(np.median(runner.synced[first:])) * 1e3
       if name == 'jax':
         runner.run_pipelined(n)
+    for name in runners:
+      if name != 'jax':
+        this_round[f'speedup_vs_{name}'] = this_round[f'{name}_ms'] / this_round['jax_ms']
+    rounds_report.append(this_round)
     done += n
+  report['rounds'] = rounds_report
+  for name in runners:
+    if name != 'jax':
+      ratios = [r[f'speedup_vs_{name}'] for r in rounds_report]
+      report.setdefault('speedup', {})[name] = {
+          'median': float(np.median(ratios)), 'min': min(ratios), 'max': max(ratios)}
   for name, runner in runners.items():
     report['steps'][name] = runner.summary()
 
@@ -146,6 +165,13 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
     pipelines.append(input_pipeline.measure(kind, batch_size=batch, batches=pipeline_batches))
   report['input_pipeline'] = pipelines
   report['machine']['load_average_end'] = list(os.getloadavg())
+  cores = os.cpu_count() or 1
+  loads = [report['machine']['load_average'][0] if report['machine']['load_average'] else 0.0,
+           *(r['load_average'] for r in rounds_report), report['machine']['load_average_end'][0]]
+  if max(loads) > cores:
+    report.setdefault('warnings', []).append(
+        f'the 1-minute load average reached {max(loads):.1f} on {cores} cores: other work '
+        'shared the machine, so these times are not a clean comparison')
   report['targets'] = report_lib.targets(report)
   return report
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from reviewkd_jax import platform as platform_lib
@@ -51,6 +52,15 @@ def test_report_is_json_with_the_documented_fields(report):
   assert loaded['config']['name'] == 'cifar100_r56_r20.py'
   assert loaded['config']['model'] == 'resnet8' and loaded['config']['batch_size'] == 8
   assert 'reviewkd_jax.benchmark' in loaded['command']
+  # --steps=4 --rounds=2: two interleaved rounds of 2 steps per framework, each with its
+  # own JAX-over-PyTorch ratio and load.
+  assert len(loaded['rounds']) == 2
+  for r in loaded['rounds']:
+    assert r['speedup_vs_torch_eager'] == r['torch_eager_ms'] / r['jax_ms'] > 0
+    assert r['load_average'] >= 0
+  ratios = [r['speedup_vs_torch_eager'] for r in loaded['rounds']]
+  assert loaded['speedup']['torch_eager'] == {'median': float(np.median(ratios)),
+                                              'min': min(ratios), 'max': max(ratios)}
 
 
 def test_jax_step_figures_are_sane(report):

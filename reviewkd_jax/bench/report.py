@@ -96,6 +96,13 @@ def format_table(report: dict) -> str:
         f"{r['images_per_s']:>9.0f}{_mib(r):>10}"
         f"{_fmt(r.get('achieved_flops_per_s'), '.2f', 1e-12):>9}"
         f"{_fmt(r.get('mfu'), '.1%'):>7}{_fmt(vs, '.2f'):>9}x")
+  for name, ratio in report.get('speedup', {}).items():
+    per_round = ', '.join(f"{r[f'speedup_vs_{name}']:.2f}x (load {r['load_average']:.1f})"
+                          for r in report['rounds'])
+    lines.append(f'jax speed-up over {name}, interleaved rounds: median {ratio["median"]:.2f}x '
+                 f'(min {ratio["min"]:.2f}x, max {ratio["max"]:.2f}x); rounds: {per_round}')
+  for warning in report.get('warnings', []):
+    lines.append(f'WARNING: {warning}')
   jax_r = report['steps'].get('jax')
   if jax_r:
     lines.append(
