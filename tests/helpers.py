@@ -11,6 +11,12 @@ NUM_MOCK_EXAMPLES = 56
 ONE_DEVICE = jax.devices()[:1]
 
 
+def snapshot(root: pathlib.Path) -> dict:
+  """Returns {path: (size, mtime)} of everything under `root` ({} if it does not exist)."""
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob('*')} if root.exists() else {}
+
+
 def tiny_config(**fields):
   """Returns a 2-epoch CIFAR-100 resnet8 run on the mock split, logging every step."""
   config = default.get_config()

@@ -8,7 +8,7 @@ import pytest
 
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import SetupError, train_and_evaluate
-from tests.helpers import ONE_DEVICE, tiny_config
+from tests.helpers import ONE_DEVICE, snapshot, tiny_config
 
 pytestmark = [
     pytest.mark.slow, pytest.mark.usefixtures('mock_cifar100'),
@@ -35,11 +35,6 @@ def _damage(step_dir: pathlib.Path) -> list[pathlib.Path]:
     data[mid:mid + 256] = bytes(b ^ 0xFF for b in data[mid:mid + 256])
     path.write_bytes(bytes(data))
   return files
-
-
-def _snapshot(root: pathlib.Path) -> dict:
-  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in root.rglob('*')}
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +70,7 @@ def test_every_checkpoint_damaged_stops_with_one_message_and_deletes_nothing(tmp
   ckpt_dir = tmp_path / checkpoint_lib.STATE_DIR
   for step in (3, 4, 5):
     _damage(ckpt_dir / str(step))
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with pytest.raises(SetupError) as e:
     train_and_evaluate(_config(), str(tmp_path), devices=ONE_DEVICE)
   assert isinstance(e.value.__cause__, checkpoint_lib.NoUsableCheckpointError)
@@ -83,16 +78,16 @@ def test_every_checkpoint_damaged_stops_with_one_message_and_deletes_nothing(tmp
   for step in (5, 4, 3):
     assert f'step {step}:' in message
   assert 'Nothing was moved or deleted' in message
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 def test_workdir_of_another_experiment_is_refused_before_anything_is_written(tmp_path):
   train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path), devices=ONE_DEVICE)
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   with pytest.raises(SetupError) as e:
     train_and_evaluate(tiny_config(num_epochs=1, model='resnet14'), str(tmp_path),
                        devices=ONE_DEVICE)
   assert isinstance(e.value.__cause__, checkpoint_lib.OtherRunError)
   assert "model: 'resnet8' in the checkpoint, 'resnet14' in the config" in str(e.value)
   assert len(str(e.value).splitlines()) == 1
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before

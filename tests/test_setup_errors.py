@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, snapshot
 
 pytestmark = pytest.mark.slow  # subprocesses of main.py
 
@@ -22,11 +22,6 @@ def _main(workdir: pathlib.Path, *args: str, env: dict | None = None):
       [sys.executable, 'main.py', f'--workdir={workdir}', *BASE, *args], cwd=ROOT,
       env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu', **(env or {})},
       capture_output=True, text=True, timeout=300, check=False)
-
-
-def _snapshot(root: pathlib.Path) -> dict:
-  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in root.rglob('*')} if root.exists() else {}
 
 
 def _assert_refused(proc, *texts):
@@ -95,7 +90,7 @@ def test_workdir_of_another_experiment_is_left_as_it_was(tmp_path):
              {'dataset': 'digits', 'train_subset': 0, 'model': 'resnet20', 'method': 'none',
               'teacher': '', 'batch_size': 32, 'steps_per_epoch': 42, 'seed': 0})
   ckpts.close()
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   _assert_refused(_main(workdir), 'holds the checkpoints of a different run',
                   "model: 'resnet20' in the checkpoint, 'resnet8' in the config")
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before

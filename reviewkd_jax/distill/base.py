@@ -21,6 +21,10 @@ A method is a `Method` registered under its name (`config.method`):
   (optional): host arrays computed once per run, after the teacher is loaded (OFD's margins,
   CRD's class index); `train_labels` are the training split's labels in dataset-index order,
   or None for a streamed dataset. The jitted step closes over them: `ctx.constants`.
+- `run_fields` (optional): config fields, besides the trainer's own, that make two runs of
+  this method different experiments, each with the value a checkpoint that does not record
+  it implies (ReviewKD's ablation switches). A workdir is only resumed by a config that
+  agrees on them.
 - `apply_kwargs(ctx) -> dict` (optional): extra keyword arguments of the trainable module's
   `apply` in the train step, computed before the student runs (`ctx.student_out` is None):
   e.g. the teacher's features and the batch's dataset indices for CRD. The module must also
@@ -32,7 +36,7 @@ which registers itself with `register_method`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -104,6 +108,7 @@ class Method:
   check_config: Callable[[ml_collections.ConfigDict], None] = _no_check
   prepare: Callable[..., Any] = _no_constants
   apply_kwargs: Callable[[LossContext], dict] = _no_apply_kwargs
+  run_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _METHODS: dict[str, Method] = {}

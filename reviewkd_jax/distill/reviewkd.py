@@ -336,7 +336,13 @@ def _check(config):
         'chain, which reviewkd_residual=False removes: set mid_channels=0.')
 
 
+# The ablation switches make different experiments; a checkpoint written before they
+# existed was of the method itself.
+RUN_FIELDS = {'reviewkd_review': True, 'reviewkd_residual': True, 'reviewkd_fusion': 'abf',
+              'reviewkd_distance': 'hcl', 'reviewkd_student_stage': 0,
+              'reviewkd_teacher_stage': 0}
+
 base.register_method(base.Method(
     name='reviewkd', uses_teacher=True, build=_build, loss_terms=base.with_logit_kd(_terms),
     backbone=lambda module: module.student, backbone_variables=base.student_variables,
-    check_config=_check))
+    check_config=_check, run_fields=RUN_FIELDS))

@@ -76,16 +76,14 @@ class MetricLogger:
 
   def add(self, metrics: dict) -> None:
     """Records one step's metrics (device arrays)."""
+    self._pending.append(metrics)
     if self._first:  # the first step compiles: time it alone, then start the speed clock
       self._first = False
       jax.block_until_ready(metrics)
       logging.info('First step done in %s (compilation included; not counted in the speed).',
                    format_duration(self._clock() - self._t0))
       self._t0 = self._clock()
-      self._pending.append(metrics)
       self._untimed = 1
-      return
-    self._pending.append(metrics)
 
   def flush(self, step: int) -> dict | None:
     """Writes the means since the last flush; raises NonFiniteLossError on NaN/inf losses."""

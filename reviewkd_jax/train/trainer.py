@@ -32,11 +32,7 @@ from reviewkd_jax.train import teacher as teacher_lib
 # its metadata must equal the config's.
 _RESUME_KEYS = ('dataset', 'train_subset', 'model', 'method', 'teacher', 'batch_size',
                 'steps_per_epoch', 'seed')
-# ReviewKD's ablation switches (docs/ablations.md), with the value a checkpoint written
-# before they existed implies.
-_RESUME_SWITCHES = {'reviewkd_review': True, 'reviewkd_residual': True,
-                    'reviewkd_fusion': 'abf', 'reviewkd_distance': 'hcl',
-                    'reviewkd_student_stage': 0, 'reviewkd_teacher_stage': 0}
+# ... and the method's own `run_fields` (distill.base.Method).
 
 
 @dataclasses.dataclass
@@ -166,13 +162,14 @@ def _set_up(config, workdir: str, devices) -> _Setup:
               'teacher': config.teacher, 'batch_size': config.batch_size,
               'steps_per_epoch': run.steps_per_epoch, 'seed': config.seed,
               'num_classes': spec.num_classes,
-              **{k: config[k] for k in _RESUME_SWITCHES if config.method == 'reviewkd'}}
+              **{k: config[k] for k in run.method.run_fields}}
   # The workdir: another experiment's is refused before any array is read.
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
     state = run.init_state()
     resumed = ckpts.restore_newest_usable(
-        state, check_meta=lambda meta: _check_same_run(meta, run_meta, workdir))
+        state, check_meta=lambda meta: _check_same_run(meta, run_meta, run.method.run_fields,
+                                                       workdir))
     # The frozen teacher, then the method's per-run constants (a method that cannot run on
     # this data, CRD without dataset indices, stops here).
     teacher_variables, teacher_source = None, None
@@ -192,12 +189,14 @@ def _set_up(config, workdir: str, devices) -> _Setup:
                 teacher_source=teacher_source, constants=constants)
 
 
-def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
-  """Raises OtherRunError unless a checkpoint's `meta` is of the run `run_meta` describes."""
-  keys = [*_RESUME_KEYS, *(k for k in _RESUME_SWITCHES if k in run_meta)]
-  changed = [f'{k}: {meta.get(k, _RESUME_SWITCHES.get(k))!r} in the checkpoint, '
-             f'{run_meta[k]!r} in the config'
-             for k in keys if meta.get(k, _RESUME_SWITCHES.get(k)) != run_meta[k]]
+def _check_same_run(meta: dict, run_meta: dict, run_fields: dict, workdir: str) -> None:
+  """Raises OtherRunError unless a checkpoint's `meta` is of the run `run_meta` describes.
+
+  `run_fields` are the method's own fields, with the value a checkpoint lacking one implies.
+  """
+  stored = {k: meta.get(k, run_fields.get(k)) for k in (*_RESUME_KEYS, *run_fields)}
+  changed = [f'{k}: {v!r} in the checkpoint, {run_meta[k]!r} in the config'
+             for k, v in stored.items() if v != run_meta[k]]
   if changed:
     raise checkpoint_lib.OtherRunError(
         f'{workdir} holds the checkpoints of a different run ({"; ".join(changed)}), which '
