@@ -1,0 +1,432 @@
+"""Detector weights from torchvision, Detectron2 and ImageNet classification files.
+
+One entry point, `load_detector_weights(path_or_state_dict, template, source='auto')`, fills
+the detector's Flax variables `template` (from `model.init` or `jax.eval_shape`) from:
+
+- 'torchvision': a `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` state_dict (`.pth`);
+- 'detectron2': a Detectron2 model-zoo `.pkl` ({'model': {name: np.ndarray}, '__author__',
+  ...}; read with pickle and numpy only, Detectron2 need not be installed) or a Detectron2
+  `.pth` checkpoint; also the `convert-torchvision-to-d2.py` layout (keys `stem.*`,
+  `res2.*`), and the ReviewKD authors' released checkpoints (teacher under `teacher.`,
+  student under the Detectron2 names; choose with `part`);
+- 'imagenet': a torchvision `resnet18/34/50/101` or `mobilenet_v2` classification state_dict
+  (or the tonylins MobileNetV2 layout the ReviewKD authors' student used), loaded into
+  `backbone/body` only; `fc`/`classifier` (and `features.18` when the body has no
+  `last_conv`) are dropped, and the FPN and heads keep the template's values.
+
+Everything goes through `convert.torch_to_flax` with a rename function per layout, so a file
+that does not fit raises `StateDictMismatchError` naming its missing, unexpected and
+mis-shaped keys (by their names in the file). The result says what it filled and what it left
+at the template's values (`LoadReport`).
+
+The detector's pinned Flax module tree, and what is converted beyond the naming rule:
+
+  backbone/body/..., backbone/fpn/lateral_{2..5}, output_{2..5}     (see `backbone.py`)
+  rpn/conv, rpn/objectness (A), rpn/deltas (4A)
+  box_head/fc1, box_head/fc2
+  box_predictor/cls_score (K+1, background LAST), box_predictor/bbox_pred (4K)
+  mask_head/fcn{1..4}, mask_head/deconv, mask_head/predictor (K)
+
+- Background: torchvision puts it FIRST (cls_score row 0, bbox_pred rows 0..3, mask
+  predictor channel 0); Detectron2 has it last in cls_score and no background rows in
+  bbox_pred or the mask predictor. torchvision's cls_score rows are rotated (background to
+  the end) and its background box rows and mask channel dropped, so both sources give the
+  same class order 0..K-1 = torchvision's labels 1..K.
+- box_head/fc1: both frameworks flatten the (C, 7, 7) RoI features in C, H, W order; our RoI
+  features are NHWC, flattened in H, W, C order (`x.reshape(R, -1)`), so fc1's input rows are
+  permuted accordingly (`roi_flatten='hwc'`; 'chw' keeps PyTorch's order for a head that
+  transposes to NCHW before flattening). C comes from the template's FPN width.
+- mask_head/deconv: PyTorch's ConvTranspose2d weight is (in, out, kh, kw) and computes the
+  gradient of a convolution, i.e. a dilated-input convolution with the spatially FLIPPED
+  kernel. The kernel produced is for `flax.linen.ConvTranspose(out, (2, 2), strides=(2, 2),
+  padding='VALID')` with Flax's default `transpose_kernel=False`: shape (kh, kw, in, out),
+  flipped in kh and kw (`deconv_kernel_from_torch`). With `deconv_transpose_kernel=True` it is
+  for `ConvTranspose(..., transpose_kernel=True)` instead: (kh, kw, out, in), not flipped.
+  tests/test_detection_weights.py checks both against torch.nn.ConvTranspose2d.
+- Detectron2's MSRA-initialised ResNets (all model-zoo R50/R101 FPN detectors) expect BGR
+  input in 0..255 minus the pixel mean with pixel std 1 and `stride_in_1x1=True`; nothing
+  in the weights says so: build the backbone with `stride_in_1x1=True` and preprocess
+  accordingly. torchvision's detectors take RGB in 0..1 normalised by ImageNet mean/std
+  (inside the model) and `stride_in_1x1=False`.
+- Not used, and listed in `LoadReport.dropped`: Detectron2's `pixel_mean`/`pixel_std` and
+  anchor-generator buffers of older checkpoints; the classifier of ImageNet files; the other
+  half of a teacher+student file; with `partial=True`, parts the template does not have.
+  BatchNorm `num_batches_tracked` counters are skipped silently (Flax keeps none).
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from reviewkd_jax import convert
+from reviewkd_jax.convert import StateDictMismatchError
+
+SOURCES = ('torchvision', 'detectron2', 'imagenet')
+_BODY = 'backbone.body.'
+
+
+class LoadReport(NamedTuple):
+  """What a load did. Paths are Flax module paths ('backbone/body/layer1_0/conv1')."""
+  source: str
+  filled: tuple[str, ...]        # modules whose every leaf came from the file
+  left_at_init: tuple[str, ...]  # modules (partly) kept at the template's values
+  dropped: tuple[str, ...]       # keys of the file that were deliberately not used
+
+  def __str__(self) -> str:
+    lines = [f'Loaded {len(self.filled)} modules from a {self.source} file.']
+    if self.left_at_init:
+      lines.append(f'Left at their initial values ({len(self.left_at_init)}): '
+                   f'{_summarise(self.left_at_init)}')
+    if self.dropped:
+      lines.append(f'Not used from the file ({len(self.dropped)}): {_summarise(self.dropped)}')
+    return '\n'.join(lines)
+
+
+class LoadedWeights(NamedTuple):
+  """`variables` (shaped like the template, numpy leaves) and the `report`."""
+  variables: dict[str, Any]
+  report: LoadReport
+
+
+def _summarise(items, limit: int = 12) -> str:
+  shown = ', '.join(items[:limit])
+  return shown + (f', ... and {len(items) - limit} more' if len(items) > limit else '')
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def deconv_kernel_from_torch(weight: np.ndarray, transpose_kernel: bool = False) -> np.ndarray:
+  """Returns the Flax `ConvTranspose` kernel of a PyTorch ConvTranspose2d weight.
+
+  `weight` is PyTorch's (in, out, kh, kw). For Flax's default `transpose_kernel=False` the
+  kernel is (kh, kw, in, out) with both spatial axes flipped; for `transpose_kernel=True` it
+  is (kh, kw, out, in), unflipped (lax flips and swaps it itself).
+  """
+  weight = np.asarray(weight)
+  if transpose_kernel:
+    return weight.transpose(2, 3, 1, 0)
+  return weight.transpose(2, 3, 0, 1)[::-1, ::-1].copy()
+
+
+def _deconv_value(weight: np.ndarray, transpose_kernel: bool) -> np.ndarray:
+  """Returns a (A, B, kh, kw) array that `torch_to_flax`'s OIHW->HWIO rule turns into
+  `deconv_kernel_from_torch(weight, transpose_kernel)`."""
+  return deconv_kernel_from_torch(weight, transpose_kernel).transpose(3, 2, 0, 1)
+
+
+def _fc1_value(weight: np.ndarray, channels: int, roi_flatten: str) -> np.ndarray:
+  """Returns fc1's (out, C*P*P) weight with its columns in our flatten order."""
+  if roi_flatten == 'chw':
+    return weight
+  if roi_flatten != 'hwc':
+    raise ValueError(f"roi_flatten must be 'hwc' or 'chw', got {roi_flatten!r}")
+  out, fan_in = weight.shape
+  res = math.isqrt(fan_in // channels)
+  if channels * res * res != fan_in:
+    raise StateDictMismatchError(
+        f'box_head fc1 has {fan_in} inputs, not C*P*P for the FPN width C={channels}')
+  return weight.reshape(out, channels, res, res).transpose(0, 2, 3, 1).reshape(out, fan_in)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_detectron2_pkl(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Returns the {name: array} of a Detectron2 model-zoo `.pkl` (pickle and numpy only)."""
+  with open(path, 'rb') as f:
+    obj = pickle.load(f, encoding='latin1')
+  if isinstance(obj, Mapping) and 'blobs' in obj and 'model' not in obj:
+    raise StateDictMismatchError(
+        f'{path} is a Detectron (v1) / Caffe2 blob file (key "blobs"); only Detectron2 '
+        'model-zoo files ({"model": {name: array}}) are supported.')
+  sd = convert.unwrap_state_dict(obj)
+  return {k: np.asarray(v) for k, v in sd.items()}
+
+
+def _read(path_or_state_dict) -> tuple[dict[str, Any], bool]:
+  """Returns (flat state_dict, came from a .pkl)."""
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    path = os.fspath(path_or_state_dict)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'Weights file {path} does not exist.')
+    if path.endswith('.pkl'):
+      return read_detectron2_pkl(path), True
+    return convert.load_torch_file(path), False
+  return convert.unwrap_state_dict(path_or_state_dict), False
+
+
+def detect_source(state_dict: Mapping[str, Any]) -> str:
+  """Returns 'torchvision', 'detectron2' or 'imagenet' from a state_dict's key names."""
+  keys = list(state_dict)
+
+  def any_starts(*prefixes):
+    return any(k.startswith(prefixes) for k in keys)
+
+  if any_starts('backbone.bottom_up.', 'proposal_generator.', 'roi_heads.box_head.fc1',
+                'teacher.backbone.', 'stem.conv1.', 'res2.'):
+    return 'detectron2'
+  if any_starts('backbone.body.', 'backbone.fpn.inner_blocks', 'rpn.head.',
+                'roi_heads.box_head.fc6'):
+    return 'torchvision'
+  if any_starts('conv1.', 'layer1.', 'features.'):
+    return 'imagenet'
+  raise StateDictMismatchError(
+      f'Cannot tell the layout of this state_dict (first keys: {keys[:8]}); pass source= '
+      f'one of {SOURCES}.')
+
+
+# ------------------------------------------------------------------ MobileNetV2 layouts
+
+# The tonylins MobileNetV2 (github.com/tonylins/pytorch-mobilenet-v2, the ReviewKD authors'
+# Detectron2 student) numbers the layers of a block's flat `conv` Sequential; torchvision
+# nests them: tonylins index -> torchvision suffix. Its final 1x1 conv is `conv.0`/`conv.1`.
+_TONYLINS_T1 = {'0': '0.0', '1': '0.1', '3': '1', '4': '2'}
+_TONYLINS_T6 = {'0': '0.0', '1': '0.1', '3': '1.0', '4': '1.1', '6': '2', '7': '3'}
+_TONYLINS_KEY = re.compile(r'^(.*features\.)(\d+)\.conv\.(\d+)\.(\w+)$')
+
+
+def _is_tonylins(keys) -> bool:
+  return any(re.search(r'features\.\d+\.conv\.0\.weight$', k) for k in keys)
+
+
+def _tonylins_to_torchvision(key: str) -> str:
+  if key.startswith('conv.'):  # tonylins' last 1x1 conv (`self.conv`) is torchvision's features.18
+    return f'features.18.{key[len("conv."):]}'
+  m = _TONYLINS_KEY.match(key)
+  if not m:
+    return key
+  head, block, index, leaf = m.groups()
+  table = _TONYLINS_T1 if block == '1' else _TONYLINS_T6
+  if index not in table:
+    return key
+  return f'{head}{block}.conv.{table[index]}.{leaf}'
+
+
+# -------------------------------------------------------------------- rename functions
+
+_TV_RULES = (
+    (r'^backbone\.fpn\.inner_blocks\.(\d+)(\.0)?\.', lambda m: f'backbone.fpn.lateral_{int(m[1]) + 2}.'),
+    (r'^backbone\.fpn\.layer_blocks\.(\d+)(\.0)?\.', lambda m: f'backbone.fpn.output_{int(m[1]) + 2}.'),
+    (r'^rpn\.head\.conv(\.0\.0)?\.', lambda m: 'rpn.conv.'),
+    (r'^rpn\.head\.cls_logits\.', lambda m: 'rpn.objectness.'),
+    (r'^rpn\.head\.bbox_pred\.', lambda m: 'rpn.deltas.'),
+    (r'^roi_heads\.box_head\.fc6\.', lambda m: 'box_head.fc1.'),
+    (r'^roi_heads\.box_head\.fc7\.', lambda m: 'box_head.fc2.'),
+    (r'^roi_heads\.box_predictor\.', lambda m: 'box_predictor.'),
+    (r'^roi_heads\.mask_head\.(\d+)\.0\.', lambda m: f'mask_head.fcn{int(m[1]) + 1}.'),
+    (r'^roi_heads\.mask_head\.mask_fcn(\d+)\.', lambda m: f'mask_head.fcn{m[1]}.'),
+    (r'^roi_heads\.mask_predictor\.conv5_mask\.', lambda m: 'mask_head.deconv.'),
+    (r'^roi_heads\.mask_predictor\.mask_fcn_logits\.', lambda m: 'mask_head.predictor.'),
+)
+
+_D2_RULES = (
+    (r'^backbone\.bottom_up\.stem\.conv1\.norm\.', lambda m: f'{_BODY}bn1.'),
+    (r'^backbone\.bottom_up\.stem\.conv1\.', lambda m: f'{_BODY}conv1.'),
+    (r'^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.',
+     lambda m: f'{_BODY}layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.'),
+    (r'^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.',
+     lambda m: f'{_BODY}layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.'),
+    (r'^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.',
+     lambda m: f'{_BODY}layer{int(m[1]) - 1}.{m[2]}.downsample.1.'),
+    (r'^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.',
+     lambda m: f'{_BODY}layer{int(m[1]) - 1}.{m[2]}.downsample.0.'),
+    (r'^backbone\.bottom_up\.features\.', lambda m: f'{_BODY}features.'),
+    (r'^backbone\.fpn_lateral(\d)\.', lambda m: f'backbone.fpn.lateral_{m[1]}.'),
+    (r'^backbone\.fpn_output(\d)\.', lambda m: f'backbone.fpn.output_{m[1]}.'),
+    (r'^proposal_generator\.rpn_head\.conv\.', lambda m: 'rpn.conv.'),
+    (r'^proposal_generator\.rpn_head\.objectness_logits\.', lambda m: 'rpn.objectness.'),
+    (r'^proposal_generator\.rpn_head\.anchor_deltas\.', lambda m: 'rpn.deltas.'),
+    (r'^roi_heads\.box_head\.fc(\d)\.', lambda m: f'box_head.fc{m[1]}.'),
+    (r'^roi_heads\.box_predictor\.', lambda m: 'box_predictor.'),
+    (r'^roi_heads\.mask_head\.mask_fcn(\d)\.', lambda m: f'mask_head.fcn{m[1]}.'),
+    (r'^roi_heads\.mask_head\.(deconv|predictor)\.', lambda m: f'mask_head.{m[1]}.'),
+)
+# Buffers of older Detectron2 checkpoints that are not weights.
+_D2_DROP = re.compile(r'^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\..*)$')
+
+
+def _apply_rules(rules, key: str) -> str:
+  for pattern, repl in rules:
+    new, n = re.subn(pattern, repl, key, count=1)
+    if n:
+      return new
+  return key  # left as is: torch_to_flax reports it as unexpected
+
+
+def torchvision_rename(key: str) -> str:
+  """Returns our dotted name for a torchvision detection key (unknown keys unchanged)."""
+  return _apply_rules(_TV_RULES, key)
+
+
+def detectron2_rename(key: str) -> str:
+  """Returns our dotted name for a Detectron2 key (unknown keys unchanged)."""
+  return _apply_rules(_D2_RULES, key)
+
+
+def imagenet_rename(key: str) -> str:
+  """Returns our dotted name for a torchvision classification key (under backbone.body)."""
+  return _BODY + key
+
+
+# ----------------------------------------------------------------------- entry point
+
+
+def _flat_template(template) -> dict[tuple[str, ...], Any]:
+  return traverse_util.flatten_dict(dict(template))
+
+
+def _fpn_channels(flat_template) -> int:
+  for path, leaf in flat_template.items():
+    if path[-3:] == ('fpn', 'lateral_2', 'kernel'):
+      return int(leaf.shape[-1])
+  return 256
+
+
+def _select_part(sd: dict[str, Any], part: str | None) -> tuple[dict[str, Any], list[str]]:
+  """Splits the ReviewKD authors' teacher+student checkpoints; returns (sd, dropped keys)."""
+  has_teacher = any(k.startswith('teacher.') for k in sd)
+  if part is None:
+    if has_teacher:
+      raise StateDictMismatchError(
+          "This checkpoint holds a teacher ('teacher.*' keys) and a student: pass "
+          "part='teacher' or part='student'.")
+    return sd, []
+  if part == 'teacher':
+    kept = {k[len('teacher.'):]: v for k, v in sd.items() if k.startswith('teacher.')}
+    return kept, [k for k in sd if not k.startswith('teacher.')]
+  if part == 'student':
+    drop = [k for k in sd if k.startswith(('teacher.', 'kd_trans.'))]
+    return {k: v for k, v in sd.items() if k not in set(drop)}, drop
+  raise ValueError(f"part must be None, 'teacher' or 'student', got {part!r}")
+
+
+def load_detector_weights(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                          template: Mapping[str, Any], source: str = 'auto', *,
+                          partial: bool | None = None, part: str | None = None,
+                          roi_flatten: str = 'hwc',
+                          deconv_transpose_kernel: bool = False) -> LoadedWeights:
+  """Returns the detector's variables filled from a torchvision/Detectron2/ImageNet file.
+
+  Args:
+    path_or_state_dict: a `.pkl` (Detectron2, read with pickle), a `.pth`/`.pt` (read with
+      torch), or an in-memory state_dict (torch tensors or numpy arrays).
+    template: the detector's Flax variables ({'params', 'batch_stats'}) with the pinned
+      module names (see the module docstring); arrays or `jax.ShapeDtypeStruct`s. A template
+      holding only some parts (e.g. only 'backbone') takes files holding only those parts.
+    source: 'auto' (from the file name and key names), 'torchvision', 'detectron2' or
+      'imagenet'.
+    partial: whether template leaves that the file lacks may keep the template's values
+      (then the template must hold arrays for them) and file parts whose top-level module
+      (e.g. 'mask_head') the template lacks are skipped. Default: True for 'imagenet' and
+      for `part='student'`, else False (every leaf must come from the file).
+    part: for the ReviewKD authors' checkpoints holding `teacher.*` and a student:
+      'teacher' or 'student'.
+    roi_flatten: the order our box head flattens its (7, 7, C) RoI features in: 'hwc'
+      (NHWC reshape, default) or 'chw'.
+    deconv_transpose_kernel: the mask head's `ConvTranspose` uses `transpose_kernel=True`.
+  Raises:
+    StateDictMismatchError: naming the missing, unexpected and mis-shaped keys.
+  """
+  sd, from_pkl = _read(path_or_state_dict)
+  if source == 'auto':
+    source = 'detectron2' if from_pkl else detect_source(sd)
+  if source not in SOURCES:
+    raise ValueError(f"source must be 'auto' or one of {SOURCES}, got {source!r}")
+  sd, dropped = _select_part(sd, part)
+  if partial is None:
+    partial = source == 'imagenet' or part == 'student'
+  flat_template = _flat_template(template)
+  template_modules = {p[1] for p in flat_template if len(p) > 1}
+  body_modules = {p[3] for p in flat_template if p[1:3] == ('backbone', 'body') and len(p) > 4}
+
+  if source == 'torchvision':
+    rename = torchvision_rename
+  elif source == 'detectron2':
+    if any(k.startswith(('stem.', 'res2.')) for k in sd):  # convert-torchvision-to-d2.py
+      sd = {f'backbone.bottom_up.{k}': v for k, v in sd.items()}
+    rename = detectron2_rename
+  else:
+    rename = imagenet_rename
+  if _is_tonylins(sd):
+    inner = rename
+    rename = lambda k: inner(_tonylins_to_torchvision(k))  # noqa: E731
+
+  channels = _fpn_channels(flat_template)
+  converted: dict[str, Any] = {}
+  for key, value in sd.items():
+    new = rename(key)
+    if source == 'detectron2' and _D2_DROP.match(key):
+      dropped.append(key)
+      continue
+    if source == 'imagenet':
+      module = new[len(_BODY):]
+      if module.startswith(('fc.', 'classifier.')) or (
+          module.startswith('features.18.') and 'features_18_0' not in body_modules):
+        dropped.append(key)
+        continue
+    if partial and new.split('.', 1)[0] not in template_modules:
+      dropped.append(key)
+      continue
+    converted[key] = _convert_value(new, value, source, channels, roi_flatten,
+                                    deconv_transpose_kernel)
+
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                    dict(template))
+  out = convert.torch_to_flax(converted, abstract, rename=rename, strict=not partial)
+  flat_out = traverse_util.flatten_dict(out)
+  filled_leaves = {p for p, v in flat_out.items() if not isinstance(v, jax.ShapeDtypeStruct)}
+  kept = [p for p in flat_out if p not in filled_leaves]
+  abstract_kept = [p for p in kept if isinstance(flat_template[p], jax.ShapeDtypeStruct)]
+  if abstract_kept:
+    raise StateDictMismatchError(
+        'A partial load needs concrete template values for what the file lacks; these are '
+        f'abstract: {_summarise(["/".join(p) for p in abstract_kept])}')
+  for p in kept:
+    flat_out[p] = np.asarray(flat_template[p])
+
+  def module_of(path):
+    return '/'.join(path[1:-1])
+
+  partly_kept = sorted({module_of(p) for p in kept})
+  filled = sorted({module_of(p) for p in filled_leaves} - set(partly_kept))
+  report = LoadReport(source, tuple(filled), tuple(partly_kept), tuple(dropped))
+  return LoadedWeights(traverse_util.unflatten_dict(flat_out), report)
+
+
+def _numpy(value: Any) -> np.ndarray:
+  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch here
+    value = value.detach().cpu()
+    value = value.float().numpy() if value.is_floating_point() else value.numpy()
+  return np.asarray(value)
+
+
+def _convert_value(new_key: str, value: Any, source: str, channels: int, roi_flatten: str,
+                   deconv_transpose_kernel: bool) -> Any:
+  """Returns `value` pre-transformed so that the generic leaf rule gives our layout."""
+  module, _, leaf = new_key.rpartition('.')
+  if module not in ('box_predictor.cls_score', 'box_predictor.bbox_pred', 'box_head.fc1',
+                    'mask_head.deconv', 'mask_head.predictor'):
+    return value
+  a = _numpy(value)
+  if module == 'box_head.fc1' and leaf == 'weight':
+    return _fc1_value(a, channels, roi_flatten)
+  if module == 'mask_head.deconv' and leaf == 'weight':
+    return _deconv_value(a, deconv_transpose_kernel)
+  if source != 'torchvision':
+    return a
+  # torchvision: background first -> last (cls_score), dropped (bbox_pred, mask predictor).
+  if module == 'box_predictor.cls_score':
+    return np.concatenate([a[1:], a[:1]], axis=0)
+  if module == 'box_predictor.bbox_pred':
+    return a[4:]
+  if module == 'mask_head.predictor':
+    return a[1:]
+  return a
