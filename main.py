@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from reviewkd_jax.train import SetupError
 from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
+from reviewkd_jax.train.detection import is_detection, train_detector
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the exported models.')
@@ -69,7 +70,9 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    if is_suite(FLAGS.config):
+    if is_detection(FLAGS.config):
+      train_detector(FLAGS.config, FLAGS.workdir)
+    elif is_suite(FLAGS.config):
       train_suite(FLAGS.config, FLAGS.workdir)
     else:
       train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -14,10 +14,12 @@ ALLOWED = {
     'platform': set(),
     'testing': set(),
     'distill': {'models', 'losses'},
-    'train': {'models', 'losses', 'distill', 'data', 'convert'},
-    'bench': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing', 'platform'},
+    'detection': {'models', 'losses', 'data', 'convert'},
+    'train': {'models', 'losses', 'distill', 'data', 'convert', 'detection'},
+    'bench': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing', 'platform',
+              'detection'},
     'benchmark': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing',
-                  'platform', 'bench'},
+                  'platform', 'bench', 'detection'},
 }
 
 

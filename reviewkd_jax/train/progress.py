@@ -118,10 +118,11 @@ class MetricLogger:
     losses = ', '.join(f'{k[5:]} {v:.4f}' for k, v in means.items() if k.startswith('loss_'))
     extra = f' lambda {means["lambda"]:.3f}' if 'lambda' in means else ''
     other = ''.join(f', {k} {format_duration(v)}' for k, v in sorted(self._paused.items()))
+    top1 = f' | top-1 {means["top1"]:.2f}%' if 'top1' in means else ''
     logging.info(
-        'step %d/%d (epoch %.2f) | loss %.4f (%s)%s | top-1 %.2f%% | lr %.4g | %.2f steps/s, '
+        'step %d/%d (epoch %.2f) | loss %.4f (%s)%s%s | lr %.4g | %.2f steps/s, '
         '%.0f img/s (training only%s) | ETA %s', step, self._total, step / self._per_epoch,
-        means['loss'], losses, extra, means['top1'], means['lr'], steps_per_sec,
+        means['loss'], losses, extra, top1, means['lr'], steps_per_sec,
         means['images_per_sec'], other, format_duration(eta))
     self.history.append({'step': step, **means})
     self._pending = []

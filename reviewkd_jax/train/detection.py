@@ -1,0 +1,367 @@
+"""`train_detector(config, workdir)`: one detection run, a Faster/Mask R-CNN trained alone.
+
+Detectron2's recipe (`Base-RCNN-FPN`, `SOLVER`): SGD with momentum 0.9, weight decay 1e-4
+on every trainable parameter, lr `learning_rate * batch_size / base_batch_size` with a linear
+warm-up from `warmup_factor` over `warmup_steps` and x`lr_gamma` at each of `lr_steps`
+(`WarmupMultiStepLR`), the stem, res2 and every backbone BatchNorm frozen, iterations rather
+than epochs. The loss is the sum of the RPN's and the RoI heads' losses. Evaluation is COCO
+box (and mask) AP through pycocotools over every evaluation image once, every
+`eval_every_steps` and at the end; the final model is exported to `<workdir>/final`.
+
+Read top to bottom: `_set_up` builds the detector, the data, the train state (resumed from
+the newest usable checkpoint, or initialised from `config.weights`) and checks everything
+without writing (a mistake is one `SetupError`); `_train` runs the loop. `max_steps=0`
+evaluates the loaded weights only (a teacher's AP).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
+
+from reviewkd_jax import data as data_lib
+from reviewkd_jax.detection import backbone as backbone_lib
+from reviewkd_jax.detection import data as det_data
+from reviewkd_jax.detection import evaluation
+from reviewkd_jax.detection import model as model_lib
+from reviewkd_jax.detection import rpn as rpn_lib
+from reviewkd_jax.detection import weights as weights_lib
+from reviewkd_jax.train import checkpoint as checkpoint_lib
+from reviewkd_jax.train import progress
+from reviewkd_jax.train import state as state_lib
+from reviewkd_jax.train.trainer import SetupError, _StopSignal, flat_hparams
+
+# What the detector reads of a batch (the rest stays on the host, for evaluation).
+_TRAIN_KEYS = ('image', 'image_size', 'boxes', 'labels', 'gt_valid', 'masks')
+# A checkpoint is resumed only by a run with the same values of these config fields.
+_RESUME_KEYS = ('dataset', 'backbone', 'mask', 'convention', 'batch_size', 'seed',
+                'max_steps', 'train_subset')
+
+
+def is_detection(config: ml_collections.ConfigDict) -> bool:
+  """Returns True for a detection config (`config.task == 'detection'`)."""
+  return config.get('task', 'classification') == 'detection'
+
+
+@dataclasses.dataclass
+class DetectionResult:
+  """What a finished (or stopped) detection run hands back to a caller in Python."""
+  workdir: str
+  state: state_lib.TrainState
+  step: int
+  total_steps: int
+  final: dict | None      # COCO metrics of the final model (None if stopped early)
+  history: list[dict]     # the logged training metrics
+  evals: list[dict]       # every evaluation of this call, with its 'step'
+
+
+def detector_config(config: ml_collections.ConfigDict, num_classes: int
+                    ) -> model_lib.DetectorConfig:
+  """Returns the detector's static settings from a run config."""
+  if config.convention not in ('detectron2', 'torchvision'):
+    raise ValueError(f"config.convention must be 'detectron2' or 'torchvision', got "
+                     f'{config.convention!r}.')
+  common = dict(stride_in_1x1=config.stride_in_1x1, input_format=config.input_format,
+                pixel_mean=tuple(config.pixel_mean), pixel_std=tuple(config.pixel_std),
+                freeze_at=config.freeze_at)
+  if config.convention == 'torchvision':
+    base = model_lib.DetectorConfig.torchvision(num_classes, mask=config.mask,
+                                                backbone=config.backbone, **common)
+  else:
+    base = model_lib.DetectorConfig(backbone=config.backbone, num_classes=num_classes,
+                                    mask=config.mask, **common)
+  rpn = dataclasses.replace(base.rpn, pre_nms_topk=tuple(config.rpn_pre_nms_topk),
+                            post_nms_topk=tuple(config.rpn_post_nms_topk))
+  roi = dataclasses.replace(base.roi, batch_size_per_image=config.roi_batch_size_per_image,
+                            sampling_ratio=config.roi_sampling_ratio)
+  return dataclasses.replace(base, rpn=rpn, roi=roi)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Returns Detectron2's WarmupMultiStepLR (linear warm-up) as a function of the step."""
+  base = config.learning_rate * config.batch_size / config.base_batch_size
+  steps = tuple(int(s) for s in config.lr_steps)
+  if list(steps) != sorted(steps):
+    raise ValueError(f'config.lr_steps must be increasing, got {steps}.')
+  warmup, factor, gamma = config.warmup_steps, config.warmup_factor, config.lr_gamma
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    alpha = jnp.clip(step / max(warmup, 1), 0.0, 1.0)
+    warm = jnp.where(step < warmup, factor * (1 - alpha) + alpha, 1.0)
+    decays = sum((step >= s).astype(jnp.float32) for s in steps) if steps else 0.0
+    return base * warm * gamma ** decays
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (PyTorch-style SGD with the frozen parameters masked out, lr schedule)."""
+  schedule = learning_rate_schedule(config)
+  sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                    optax.sgd(schedule, momentum=config.momentum or None))
+  frozen = backbone_lib.frozen_param_mask(params, config.freeze_at)
+  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
+  return optax.multi_transform({'train': sgd, 'frozen': optax.set_to_zero()}, labels), schedule
+
+
+def make_train_step(module: model_lib.RCNN, tx, schedule, mesh):
+  """Returns the jitted step (state, batch) -> (state, metrics), the batch split over `mesh`."""
+
+  def step(state: state_lib.TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      losses = module.apply({'params': params, **state.model_state}, batch, key,
+                            method=model_lib.RCNN.losses)
+      return sum(losses.values()), losses
+
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, **losses, 'lr': schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  rep, split = state_lib.replicated(mesh), state_lib.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def make_predict_step(module: model_lib.RCNN, mesh):
+  """Returns the jitted (variables, images, sizes) -> detections dict, split over `mesh`."""
+
+  def predict(variables, images, sizes):
+    dets = module.apply(variables, images, sizes, method=model_lib.RCNN.predict)
+    out = {'boxes': dets.boxes, 'scores': dets.scores, 'classes': dets.classes,
+           'valid': dets.valid}
+    if dets.masks is not None:
+      out['masks'] = dets.masks
+    return out
+
+  rep, split = state_lib.replicated(mesh), state_lib.batch_sharded(mesh)
+  return jax.jit(predict, in_shardings=(rep, split, split), out_shardings=split)
+
+
+def evaluate(predict_step, variables, pipeline: det_data.DetectionPipeline, mesh, *,
+             masks: bool) -> dict:
+  """Returns COCO AP of `variables` over every evaluation image (on every process)."""
+  split = state_lib.batch_sharded(mesh)
+  evaluator = evaluation.CocoEvaluator(pipeline.ground_truth(), pipeline.category_ids,
+                                       masks=masks)
+  count = 0
+  for batch in pipeline.eval_batches():
+    images = jax.make_array_from_process_local_data(split, batch['image'])
+    sizes = jax.make_array_from_process_local_data(split, batch['image_size'])
+    dets = predict_step(variables, images, sizes)
+    local = {k: np.asarray(multihost_utils.global_array_to_host_local_array(
+        v, mesh, PartitionSpec(state_lib.DATA_AXIS))) for k, v in dets.items()}
+    evaluator.add(batch, local)
+    count += int(np.sum(batch['valid']))
+  metrics = evaluator.evaluate(all_processes=True)
+  metrics['count'] = count
+  return metrics
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class _Setup:
+  config: ml_collections.ConfigDict
+  module: model_lib.RCNN
+  mesh: Any
+  pipeline: det_data.DetectionPipeline
+  state: state_lib.TrainState
+  resumed: bool
+  ckpts: checkpoint_lib.RunCheckpoints
+  run_meta: dict
+  tx: Any
+  schedule: Any
+  weights_report: str | None
+
+
+def train_detector(config: ml_collections.ConfigDict, workdir: str, *,
+                   devices=None) -> DetectionResult:
+  """Trains and evaluates the detector of `config` in `workdir`, resuming where it stopped.
+
+  Raises SetupError for a run that cannot start (config, missing data or weights, a workdir
+  of another run), before anything in the workdir is written.
+  """
+  try:
+    setup = _set_up(config, workdir, devices)
+  except (ValueError, FileNotFoundError, checkpoint_lib.NoUsableCheckpointError,
+          data_lib.DatasetNotFoundError) as e:
+    raise SetupError(str(e)) from e
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+              if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+    try:
+      return _train(setup, workdir, writer)
+    finally:
+      writer.flush()
+      writer.close()
+  finally:
+    setup.ckpts.close()
+
+
+def _set_up(config, workdir: str, devices) -> _Setup:
+  """Builds the run and reads the workdir, writing nothing."""
+  mesh = state_lib.make_mesh(devices)
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % mesh.size:
+      raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
+                       f'devices ({mesh.size}): it is the global batch, split over them.')
+  data_config = det_data.DetectionDataConfig.from_config(config, masks=config.mask)
+  pipeline = det_data.create_detection_pipeline(
+      data_config, process_index=jax.process_index(), process_count=jax.process_count())
+  det_config = detector_config(config, pipeline.num_classes)
+  module = model_lib.RCNN(det_config)
+  if config.weights and not epath.Path(config.weights).exists():
+    raise FileNotFoundError(
+        f'config.weights={config.weights!r} does not exist. Give a Detectron2 model-zoo .pkl, '
+        'a torchvision detection or ImageNet .pth, or leave it empty to start from random '
+        'weights.')
+  variables = jax.jit(lambda k: model_lib.init_variables(module, k))(
+      jax.random.key(config.seed))
+  variables = flax.core.unfreeze(variables)
+  params = variables.pop('params')
+  tx, schedule = make_optimizer(config, params)
+  rep = state_lib.replicated(mesh)
+  state = jax.device_put(state_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
+  run_meta = {k: config[k] for k in _RESUME_KEYS}
+  ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  report = None
+  try:
+    resumed = ckpts.restore_newest_usable(state, check_meta=lambda meta: _check_same_run(
+        meta, run_meta, workdir))
+    if resumed is not None:
+      state = resumed[0]
+    elif config.weights:
+      loaded = weights_lib.load_detector_weights(
+          config.weights, {'params': params, **variables}, source=config.weights_source)
+      new = flax.core.unfreeze(loaded.variables)
+      new_params = new.pop('params')
+      state = jax.device_put(state.replace(params=new_params, model_state=new,
+                                           opt_state=tx.init(new_params)), rep)
+      report = str(loaded.report)
+  except BaseException:
+    ckpts.close()
+    raise
+  return _Setup(config=config, module=module, mesh=mesh, pipeline=pipeline, state=state,
+                resumed=resumed is not None, ckpts=ckpts, run_meta=run_meta, tx=tx,
+                schedule=schedule, weights_report=report)
+
+
+def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
+  changed = [f'{k}: {meta.get(k)!r} in the checkpoint, {v!r} in the config'
+             for k, v in run_meta.items() if meta.get(k) != v]
+  if changed:
+    raise checkpoint_lib.OtherRunError(
+        f'{workdir} holds the checkpoints of a different run ({"; ".join(changed)}), which '
+        'this config would not continue: use a new --workdir, or the same settings.')
+
+
+def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
+  config, mesh, pipeline, ckpts = setup.config, setup.mesh, setup.pipeline, setup.ckpts
+  state, total = setup.state, config.max_steps
+  step = int(state.step)
+  logging.info('%s %s-FPN (%s conventions) on %s: %d classes, %d evaluation images, global '
+               'batch %d over %d devices (%d processes), %d steps.',
+               'Mask R-CNN' if config.mask else 'Faster R-CNN', config.backbone,
+               config.convention, config.dataset, pipeline.num_classes, pipeline.num_eval,
+               config.batch_size, mesh.size, jax.process_count(), total)
+  if setup.weights_report:
+    logging.info('Weights from %s: %s', config.weights, setup.weights_report)
+  if setup.resumed:
+    logging.info('Resumed from %s at step %d.', ckpts.state_dir, step)
+  elif jax.process_index() == 0:
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    writer.write_hparams(flat_hparams(config))
+
+  predict_step = make_predict_step(setup.module, mesh)
+  evals = []
+
+  def run_eval(at_step: int) -> dict:
+    variables = {'params': state.params, **state.model_state}
+    metrics = evaluate(predict_step, variables, pipeline, mesh, masks=config.mask)
+    metrics['step'] = at_step
+    evals.append(metrics)
+    writer.write_scalars(at_step, {f'eval/{k}': v for k, v in metrics.items()
+                                   if k not in ('step', 'count')})
+    segm = f', mask AP {100 * metrics["segm/AP"]:.2f}' if 'segm/AP' in metrics else ''
+    logging.info('step %d: box AP %.2f (AP50 %.2f, AP75 %.2f)%s on %d images.', at_step,
+                 100 * metrics['bbox/AP'], 100 * metrics['bbox/AP50'],
+                 100 * metrics['bbox/AP75'], segm, metrics['count'])
+    return metrics
+
+  if total == 0:  # evaluate the given weights only
+    final = run_eval(0)
+    return DetectionResult(workdir, state, 0, 0, final, [], evals)
+
+  train_step = make_train_step(setup.module, setup.tx, setup.schedule, mesh)
+  num_train = getattr(pipeline.source, 'num_train', 0)
+  steps_per_epoch = max(1, num_train // config.batch_size) if num_train else total
+  logger = progress.MetricLogger(
+      writer, total_steps=total, steps_per_epoch=steps_per_epoch,
+      global_batch=config.batch_size,
+      nonfinite_hint=lambda: f'The newest checkpoint is step {ckpts.latest_step()}.')
+  saved_step = ckpts.latest_step()
+  meta = lambda s: {**setup.run_meta, 'step': s}  # noqa: E731
+  stop_at = min(total, config.stop_after_step or total)
+  split = state_lib.batch_sharded(mesh)
+  keys = [k for k in _TRAIN_KEYS if k != 'masks' or config.mask]
+  batches = data_lib.to_global_arrays(
+      ({k: b[k] for k in keys} for b in pipeline.train_batches(step)), split,
+      prefetch=config.prefetch_batches)
+  with _StopSignal() as stop_signal:
+    while step < stop_at:
+      state, metrics = train_step(state, next(batches))
+      step += 1
+      logger.add(metrics)
+      if step % config.log_every_steps == 0 or step == stop_at:
+        logger.flush(step)
+      save = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+      stop = stop_signal.requested or ckpts.reached_preemption(step)
+      if save or stop or step == stop_at:
+        logger.flush(step)
+        with logger.paused('checkpoint'):
+          ckpts.save(step, state, meta(step))
+        saved_step = step
+      if stop:
+        logging.warning('Stopped at step %d; rerun with the same --workdir to resume.', step)
+        return DetectionResult(workdir, state, step, total, None, logger.history, evals)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total:
+        with logger.paused('eval'):
+          run_eval(step)
+  del saved_step
+  final = None
+  if step == total:
+    final_meta = ckpts.model_meta(checkpoint_lib.FINAL)
+    if final_meta and final_meta['step'] == step and 'bbox/AP' in final_meta:
+      final = {k: v for k, v in final_meta.items() if '/' in k}
+    else:
+      final = run_eval(step)
+      ckpts.save_model(checkpoint_lib.FINAL, step,
+                       {'params': state.params, **state.model_state},
+                       {**meta(step), **{k: v for k, v in final.items() if '/' in k}})
+    logging.info('Done: final box AP %.2f%s (%s/final).', 100 * final['bbox/AP'],
+                 f', mask AP {100 * final["segm/AP"]:.2f}' if 'segm/AP' in final else '',
+                 workdir)
+  else:
+    logging.info('Stopped at step %d of %d (config.stop_after_step); rerun with the same '
+                 '--workdir to continue.', step, total)
+  return DetectionResult(workdir, state, step, total, final, logger.history, evals)
