@@ -4,7 +4,16 @@ torchvision's wheels are CUDA builds whose compiled `nms` kernel is absent on a 
 `detection_models()` registers a Python `nms` (greedy, in descending score order, suppressing
 IoU > threshold, exactly the rule of torchvision's kernel) for the `torchvision::nms` op and
 makes `torchvision.ops.boxes._assert_has_ops` a no-op; `roi_align` falls back to its
-pure-PyTorch implementation by itself. Nothing here is imported by the training library.
+pure-PyTorch implementation by itself.
+
+One fix to that fallback: torchvision's compiled RoIAlign kernels (CPU and CUDA, the ones
+Detectron2 and torchvision's detectors run) give a sample with y < -1 or y > height (likewise
+x) the value 0; the pure-PyTorch `_bilinear_interpolate` of torchvision 0.28 omits that test
+and clamps such samples to the border pixel instead. Only RoIs reaching past the feature map
+(boxes at the right/bottom image border with `aligned=False`, whose width is raised to one
+feature pixel) see the difference. `detection_models()` wraps the fallback with the kernel's
+rule, so the reference computes what the compiled kernel computes. Nothing here is imported by
+the training library.
 """
 from __future__ import annotations
 
@@ -46,8 +55,25 @@ def detection_models():
   lib.impl('nms', python_nms, 'CPU')
   _KEEP_ALIVE.append(lib)
   import torchvision.ops.boxes as tv_boxes  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  # The module, not the function `torchvision.ops.roi_align` that shadows its name.
+  tv_roi_align = importlib.import_module('torchvision.ops.roi_align')
   tv_boxes._assert_has_ops = lambda: None  # pylint: disable=protected-access
+  tv_roi_align._bilinear_interpolate = _kernel_rule(tv_roi_align._bilinear_interpolate)  # pylint: disable=protected-access
   return tv.models.detection
+
+
+def _kernel_rule(bilinear_interpolate):
+  """Returns the fallback's `_bilinear_interpolate` with the compiled kernel's zero rule."""
+
+  def wrapped(input, roi_batch_ind, y, x, ymask, xmask):  # pylint: disable=redefined-builtin
+    height, width = input.shape[-2:]
+    val = bilinear_interpolate(input, roi_batch_ind, y, x, ymask, xmask)  # [K,C,PH,PW,IY,IX]
+    inside_y = ((y >= -1.0) & (y <= height))[:, None, :, None, :, None]   # y: [K, PH, IY]
+    inside_x = ((x >= -1.0) & (x <= width))[:, None, None, :, None, :]    # x: [K, PW, IX]
+    return val * (inside_y & inside_x).to(val.dtype)
+
+  return wrapped
 
 
 def build(kind: str = 'faster', *, num_classes: int = 91, min_size: int = 128,
