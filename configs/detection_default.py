@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.pixel_mean = model_lib.IMAGENET_RGB_MEAN  # in the weights' order, 0..255 units
   config.pixel_std = model_lib.IMAGENET_RGB_STD
   config.freeze_at = 2                 # stem + res2 frozen (Detectron2's FREEZE_AT)
+  config.fpn_channels = 256            # widths; smaller only for toy-scale CPU runs
+  config.box_head_dim = 1024
+  config.mask_head_dim = 256
   config.rpn_pre_nms_topk = (2000, 1000)   # (train, test), per level
   config.rpn_post_nms_topk = (1000, 1000)  # (train, test), per image
   config.roi_batch_size_per_image = 512

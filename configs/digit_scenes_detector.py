@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 16
   config.backbone = 'resnet18'
   config.mask = True
+  config.fpn_channels = 64             # toy widths: a CPU-sized detector
+  config.box_head_dim = 256
+  config.mask_head_dim = 64
   config.freeze_at = 0                 # random weights: nothing to keep frozen
   config.rpn_pre_nms_topk = (500, 300)
   config.rpn_post_nms_topk = (200, 100)

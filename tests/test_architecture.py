@@ -14,7 +14,7 @@ ALLOWED = {
     'platform': set(),
     'testing': set(),
     'distill': {'models', 'losses'},
-    'detection': {'models', 'losses', 'data', 'convert'},
+    'detection': {'models', 'losses', 'data', 'convert', 'distill'},
     'train': {'models', 'losses', 'distill', 'data', 'convert', 'detection'},
     'bench': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing', 'platform',
               'detection'},

@@ -49,6 +49,9 @@ class DetectorConfig:
     input_format: the channel order the weights expect ('RGB' or 'BGR').
     pixel_mean, pixel_std: per channel, in the weights' channel order, in 0..255 units.
     freeze_at: Detectron2's FREEZE_AT (2: stem and res2 frozen; every body BN frozen).
+    fpn_channels, box_head_dim, mask_head_dim: the widths of the FPN (256), the box head's
+      two FC layers (1024) and the mask head's convs (256); smaller values make toy-scale
+      detectors (the offline digit scenes on a CPU), never the paper's.
     rpn: the RPN's rules.
     roi: the RoI heads' rules (its num_classes must equal `num_classes`).
   """
@@ -60,6 +63,9 @@ class DetectorConfig:
   pixel_mean: tuple[float, float, float] = IMAGENET_RGB_MEAN
   pixel_std: tuple[float, float, float] = IMAGENET_RGB_STD
   freeze_at: int = 2
+  fpn_channels: int = 256
+  box_head_dim: int = 1024
+  mask_head_dim: int = 256
   rpn: rpn_lib.RPNConfig = rpn_lib.RPNConfig()
   roi: roi_heads.RoIHeadsConfig | None = None
 
@@ -103,12 +109,14 @@ class RCNN(nn.Module):
   def setup(self):
     c = self.config
     self.backbone = backbone_lib.build_backbone(c.backbone, stride_in_1x1=c.stride_in_1x1,
-                                                dtype=self.dtype)
+                                                fpn_channels=c.fpn_channels,
+                                                with_body=True, dtype=self.dtype)
     self.rpn = rpn_lib.RPNHead(num_anchors=c.rpn.num_anchors, dtype=self.dtype)
-    self.box_head = roi_heads.BoxHead(dtype=self.dtype)
+    self.box_head = roi_heads.BoxHead(hidden=c.box_head_dim, dtype=self.dtype)
     self.box_predictor = roi_heads.BoxPredictor(c.num_classes, dtype=self.dtype)
     if c.mask:
-      self.mask_head = roi_heads.MaskHead(c.num_classes, dtype=self.dtype)
+      self.mask_head = roi_heads.MaskHead(c.num_classes, conv_dims=c.mask_head_dim,
+                                          dtype=self.dtype)
 
   def normalize(self, images: jax.Array) -> jax.Array:
     """Returns raw RGB 0..255 images in the weights' channel order, mean and std."""
@@ -120,7 +128,8 @@ class RCNN(nn.Module):
     return x.astype(self.dtype)
 
   def features(self, images: jax.Array) -> dict[str, jax.Array]:
-    """Returns the FPN levels {'p2', ..., 'p6'} (NHWC) of raw RGB 0..255 images."""
+    """Returns the FPN levels {'p2', ..., 'p6'} and the body's stages {'c2', ..., 'c5'}
+    (NHWC) of raw RGB 0..255 images."""
     return self.backbone(self.normalize(images))
 
   def _rpn(self, feats: Mapping[str, jax.Array], image_shape):

@@ -74,7 +74,8 @@ def detector_config(config: ml_collections.ConfigDict, num_classes: int
                      f'{config.convention!r}.')
   common = dict(stride_in_1x1=config.stride_in_1x1, input_format=config.input_format,
                 pixel_mean=tuple(config.pixel_mean), pixel_std=tuple(config.pixel_std),
-                freeze_at=config.freeze_at)
+                freeze_at=config.freeze_at, fpn_channels=config.fpn_channels,
+                box_head_dim=config.box_head_dim, mask_head_dim=config.mask_head_dim)
   if config.convention == 'torchvision':
     base = model_lib.DetectorConfig.torchvision(num_classes, mask=config.mask,
                                                 backbone=config.backbone, **common)
