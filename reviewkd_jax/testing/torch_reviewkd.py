@@ -1,5 +1,6 @@
-"""The authors' ReviewKD pieces in PyTorch (ABF, the student wrapper, `hcl`), written from their
-published code: the reference our parity tests and the PyTorch benchmark row use."""
+"""The authors' ReviewKD pieces in PyTorch (ABF, the student wrapper, `hcl`, and the detectors'
+FPN version `DetectionReviewKD`), written from their published code: the reference our parity
+tests and the PyTorch benchmark row use."""
 from __future__ import annotations
 
 import torch
@@ -73,3 +74,53 @@ def hcl(fstudent, fteacher):
       tot += cnt
     loss_all = loss_all + loss / tot
   return loss_all
+
+
+class DetectionABF(nn.Module):
+  """The authors' detection ABF (`Detection/model/kd_trans.py`): the residual is upsampled
+  to the level's own size and there is no output resize (FPN levels keep their sizes)."""
+
+  def __init__(self, in_channel, mid_channel, out_channel, fuse):
+    super().__init__()
+    self.conv1 = nn.Sequential(nn.Conv2d(in_channel, mid_channel, 1, bias=False),
+                               nn.BatchNorm2d(mid_channel))
+    self.conv2 = nn.Sequential(nn.Conv2d(mid_channel, out_channel, 3, 1, 1, bias=False),
+                               nn.BatchNorm2d(out_channel))
+    self.att_conv = nn.Sequential(nn.Conv2d(mid_channel * 2, 2, 1), nn.Sigmoid()) if fuse \
+        else None
+    nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+    nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+  def forward(self, x, y=None):
+    n, _, h, w = x.shape
+    x = self.conv1(x)
+    if self.att_conv is not None:
+      y = F.interpolate(y, x.shape[-2:], mode='nearest')
+      z = self.att_conv(torch.cat([x, y], dim=1))
+      x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
+    return self.conv2(x), x
+
+
+class DetectionReviewKD(nn.Module):
+  """The authors' `kd_trans` of the detectors: one ABF per FPN level, `abfs.0` the deepest.
+
+  `forward(levels)` takes the student's levels shallowest first (P2..P6) and returns the ABF
+  outputs in that order; the loss is `hcl(outputs, teacher_levels)`.
+  """
+
+  def __init__(self, in_channels=(256,) * 5, out_channels=(256,) * 5, mid_channel=256):
+    super().__init__()
+    abfs = nn.ModuleList()
+    for idx, c in enumerate(in_channels):
+      abfs.append(DetectionABF(c, mid_channel, out_channels[idx], idx < len(in_channels) - 1))
+    self.abfs = abfs[::-1]
+
+  def forward(self, student_features):
+    x = student_features[::-1]
+    results = []
+    out, res = self.abfs[0](x[0])
+    results.append(out)
+    for f, abf in zip(x[1:], self.abfs[1:]):
+      out, res = abf(f, res)
+      results.insert(0, out)
+    return results
