@@ -51,6 +51,21 @@ def get_config() -> ml_collections.ConfigDict:
                                        # detection or ImageNet .pth; '' = random
   config.weights_source = 'auto'       # 'auto' | 'detectron2' | 'torchvision' | 'imagenet'
 
+  # Distillation (docs/detection.md): a frozen teacher detector, never trained or saved.
+  config.method = 'none'               # 'none' | 'reviewkd' | 'kd' | 'fitnet' | 'fgfi'
+  config.teacher_backbone = ''         # e.g. 'resnet101'
+  config.teacher_weights = ''          # Detectron2 .pkl, torchvision .pth, or a run's final/
+  config.teacher_weights_source = 'auto'
+  config.teacher_stride_in_1x1 = True  # Detectron2 model-zoo teachers: MSRA ResNets,
+  config.teacher_input_format = 'BGR'  # BGR input, pixel std 1
+  config.teacher_pixel_mean = model_lib.MSRA_BGR_MEAN
+  config.teacher_pixel_std = (1.0, 1.0, 1.0)
+  config.reviewkd_weight = 1.0         # lambda; no warm-up in detection
+  config.kd_weight = 20.0              # the supplementary's weights
+  config.kd_temperature = 1.0
+  config.fitnet_weight = 0.1
+  config.fgfi_weight = 0.01
+
   # Optimisation (Detectron2's SOLVER; lr for a global batch of base_batch_size).
   config.learning_rate = 0.02
   config.base_batch_size = 16

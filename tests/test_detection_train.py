@@ -91,3 +91,38 @@ def test_setup_mistakes_are_one_message_and_write_nothing(finished, tmp_path):
     train_detector(_config(dataset='coco/2017', data_dir=str(tmp_path / 'empty')),
                    str(tmp_path / 'c'), devices=ONE_DEVICE)
   assert not (tmp_path / 'w').exists() and not (tmp_path / 'c').exists()
+
+
+@pytest.mark.parametrize('method', ['reviewkd', 'kd', 'fitnet', 'fgfi'])
+def test_distillation_methods_train_the_student_from_a_frozen_teacher(finished, tmp_path,
+                                                                      method):
+  teacher_dir, _ = finished
+  config = _config(method=method, max_steps=2, checkpoint_every_steps=0, eval_subset=4,
+                   backbone='resnet18', teacher_backbone='resnet18',
+                   teacher_weights=str(teacher_dir / 'final'), teacher_stride_in_1x1=False,
+                   teacher_input_format='RGB', teacher_pixel_mean=(123.675, 116.28, 103.53),
+                   teacher_pixel_std=(58.395, 57.12, 57.375))
+  result = train_detector(config, str(tmp_path), devices=ONE_DEVICE)
+  term = f'loss_{method}'
+  assert all(np.isfinite(h[term]) and h[term] > 0 for h in result.history)
+  assert np.isclose(result.history[0]['loss'], sum(v for k, v in result.history[0].items()
+                                                   if k.startswith('loss_')), rtol=1e-5)
+  distill = jax.tree.leaves(result.state.params['distill'])
+  assert (len(distill) > 0) == (method != 'kd')   # KD has no trainable module
+  assert result.final is not None
+
+
+def test_a_distillation_step_agrees_over_1_and_8_devices(finished, tmp_path):
+  teacher_dir, _ = finished
+  config = _config(method='reviewkd', max_steps=1, checkpoint_every_steps=0, eval_subset=8,
+                   batch_size=8, eval_batch_size=8, teacher_backbone='resnet18',
+                   teacher_weights=str(teacher_dir / 'final'), teacher_stride_in_1x1=False,
+                   teacher_input_format='RGB', teacher_pixel_mean=(123.675, 116.28, 103.53),
+                   teacher_pixel_std=(58.395, 57.12, 57.375))
+  one = train_detector(config, str(tmp_path / 'one'), devices=jax.devices()[:1])
+  eight = train_detector(config, str(tmp_path / 'eight'), devices=jax.devices()[:8])
+  for key in ('loss', 'loss_reviewkd', 'loss_cls', 'loss_rpn_cls'):
+    assert one.history[0][key] == pytest.approx(eight.history[0][key], rel=1e-4), key
+  diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                      one.state.params, eight.state.params)
+  assert max(jax.tree.leaves(diff)) < 1e-4

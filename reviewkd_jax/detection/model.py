@@ -140,12 +140,14 @@ class RCNN(nn.Module):
     return levels, anchors, objectness, deltas
 
   def losses(self, batch: Mapping[str, jax.Array], key: jax.Array,
-             feats: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+             feats: Mapping[str, jax.Array] | None = None, *, return_aux: bool = False):
     """Returns the training losses {'loss_rpn_cls', 'loss_rpn_loc', 'loss_cls',
     'loss_box_reg'[, 'loss_mask']} of a batch (`detection/data.py`'s format).
 
     `feats` lets a caller that needs the student's pyramid (distillation) pass the one it
-    computed with `features`, so the backbone runs once.
+    computed with `features`, so the backbone runs once. With `return_aux`, returns
+    (losses, aux) where aux holds 'samples' (`roi_heads.RoISamples`: the sampled RoIs, which
+    KD runs the teacher's RoI head on) and 'class_logits' (B, S, K + 1) on them.
     """
     c = self.config
     if feats is None:
@@ -158,12 +160,29 @@ class RCNN(nn.Module):
                                 key=rpn_key)
     proposals = rpn_lib.propose(c.rpn, anchors, objectness, deltas, batch['image_size'],
                                 training=True)
-    roi_losses, _ = roi_heads.roi_losses(
-        c.roi, self.box_head, self.box_predictor, self.mask_head if c.mask else None,
+    logits_seen = []
+
+    def box_predictor(x):
+      out = self.box_predictor(x)
+      logits_seen.append(out[0])
+      return out
+
+    roi_losses, samples = roi_heads.roi_losses(
+        c.roi, self.box_head, box_predictor, self.mask_head if c.mask else None,
         levels[:4], proposals.boxes, proposals.valid, gt_boxes, batch['labels'], gt_valid,
         gt_masks=batch.get('masks') if c.mask else None, key=roi_key)
     losses.update(roi_losses)
+    if return_aux:
+      return losses, {'samples': samples, 'class_logits': logits_seen[0]}
     return losses
+
+  def roi_logits(self, feats: Mapping[str, jax.Array], boxes: jax.Array) -> jax.Array:
+    """Returns the (B, S, K + 1) class logits of the box head on given (B, S, 4) boxes
+    (a teacher's RoI head on the student's RoIs, for KD)."""
+    levels = [feats[name] for name in LEVELS[:4]]
+    pooled = roi_heads.pool(self.config.roi, levels, jax.lax.stop_gradient(boxes),
+                            self.config.roi.box_pool_size)
+    return self.box_predictor(self.box_head(pooled))[0]
 
   def predict(self, images: jax.Array, image_sizes: jax.Array) -> roi_heads.Detections:
     """Returns the detections of raw RGB images (B, H, W, 3) with true sizes (B, 2)."""

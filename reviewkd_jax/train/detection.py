@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,9 +34,9 @@ from jax.sharding import PartitionSpec
 from reviewkd_jax import data as data_lib
 from reviewkd_jax.detection import backbone as backbone_lib
 from reviewkd_jax.detection import data as det_data
+from reviewkd_jax.detection import distill as det_distill
 from reviewkd_jax.detection import evaluation
 from reviewkd_jax.detection import model as model_lib
-from reviewkd_jax.detection import rpn as rpn_lib
 from reviewkd_jax.detection import weights as weights_lib
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
@@ -46,7 +47,8 @@ from reviewkd_jax.train.trainer import SetupError, _StopSignal, flat_hparams
 _TRAIN_KEYS = ('image', 'image_size', 'boxes', 'labels', 'gt_valid', 'masks')
 # A checkpoint is resumed only by a run with the same values of these config fields.
 _RESUME_KEYS = ('dataset', 'backbone', 'mask', 'convention', 'batch_size', 'seed',
-                'max_steps', 'train_subset')
+                'max_steps', 'train_subset', 'method', 'teacher_backbone')
+METHODS = ('none', 'reviewkd', 'kd', 'fitnet', 'fgfi')
 
 
 def is_detection(config: ml_collections.ConfigDict) -> bool:
@@ -66,27 +68,44 @@ class DetectionResult:
   evals: list[dict]       # every evaluation of this call, with its 'step'
 
 
-def detector_config(config: ml_collections.ConfigDict, num_classes: int
-                    ) -> model_lib.DetectorConfig:
-  """Returns the detector's static settings from a run config."""
+def detector_config(config: ml_collections.ConfigDict, num_classes: int, *,
+                    teacher: bool = False) -> model_lib.DetectorConfig:
+  """Returns the student's (or, with `teacher`, the teacher's) static detector settings."""
   if config.convention not in ('detectron2', 'torchvision'):
     raise ValueError(f"config.convention must be 'detectron2' or 'torchvision', got "
                      f'{config.convention!r}.')
-  common = dict(stride_in_1x1=config.stride_in_1x1, input_format=config.input_format,
-                pixel_mean=tuple(config.pixel_mean), pixel_std=tuple(config.pixel_std),
-                freeze_at=config.freeze_at, fpn_channels=config.fpn_channels,
-                box_head_dim=config.box_head_dim, mask_head_dim=config.mask_head_dim)
+  pre = 'teacher_' if teacher else ''
+  common = dict(stride_in_1x1=config[pre + 'stride_in_1x1'],
+                input_format=config[pre + 'input_format'],
+                pixel_mean=tuple(config[pre + 'pixel_mean']),
+                pixel_std=tuple(config[pre + 'pixel_std']), freeze_at=config.freeze_at,
+                fpn_channels=config.fpn_channels, box_head_dim=config.box_head_dim,
+                mask_head_dim=config.mask_head_dim)
+  backbone = config[pre + 'backbone']
   if config.convention == 'torchvision':
     base = model_lib.DetectorConfig.torchvision(num_classes, mask=config.mask,
-                                                backbone=config.backbone, **common)
+                                                backbone=backbone, **common)
   else:
-    base = model_lib.DetectorConfig(backbone=config.backbone, num_classes=num_classes,
+    base = model_lib.DetectorConfig(backbone=backbone, num_classes=num_classes,
                                     mask=config.mask, **common)
   rpn = dataclasses.replace(base.rpn, pre_nms_topk=tuple(config.rpn_pre_nms_topk),
                             post_nms_topk=tuple(config.rpn_post_nms_topk))
   roi = dataclasses.replace(base.roi, batch_size_per_image=config.roi_batch_size_per_image,
                             sampling_ratio=config.roi_sampling_ratio)
   return dataclasses.replace(base, rpn=rpn, roi=roi)
+
+
+def distill_module(config: ml_collections.ConfigDict, teacher_channels: dict
+                   ) -> nn.Module | None:
+  """Returns the method's trainable module (ABFs or adapters), None for 'none' and 'kd'."""
+  if config.method == 'reviewkd':
+    return det_distill.FPNReview(mid_channels=config.fpn_channels,
+                                 out_channels=teacher_channels['p2'])
+  if config.method == 'fitnet':
+    return det_distill.FitNetAdapter(out_channels=teacher_channels[det_distill.FITNET_LEVEL])
+  if config.method == 'fgfi':
+    return det_distill.FGFIAdapters(out_channels=teacher_channels['p2'])
+  return None
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -109,34 +128,82 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (PyTorch-style SGD with the frozen parameters masked out, lr schedule)."""
+  """Returns (PyTorch-style SGD with the frozen parameters masked out, lr schedule).
+
+  `params` is {'student': the detector's, 'distill': the method's trainable module's}.
+  """
   schedule = learning_rate_schedule(config)
   sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
                     optax.sgd(schedule, momentum=config.momentum or None))
-  frozen = backbone_lib.frozen_param_mask(params, config.freeze_at)
-  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
+  frozen = backbone_lib.frozen_param_mask(params['student'], config.freeze_at)
+  labels = {'student': jax.tree.map(lambda f: 'frozen' if f else 'train', frozen),
+            'distill': jax.tree.map(lambda _: 'train', params['distill'])}
   return optax.multi_transform({'train': sgd, 'frozen': optax.set_to_zero()}, labels), schedule
 
 
-def make_train_step(module: model_lib.RCNN, tx, schedule, mesh):
-  """Returns the jitted step (state, batch) -> (state, metrics), the batch split over `mesh`."""
+def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
+                    teacher: model_lib.RCNN | None = None, head: nn.Module | None = None):
+  """Returns the jitted step (state, batch, teacher_variables) -> (state, metrics).
 
-  def step(state: state_lib.TrainState, batch):
+  The batch is split over `mesh`. With a distillation method, the frozen teacher's pyramid
+  (and for KD its RoI head on the student's sampled RoIs) enters the loss without gradient;
+  `state.params` is {'student': ..., 'distill': the method's trainable module}.
+  """
+  method = config.method
+
+  def step(state: state_lib.TrainState, batch, teacher_variables):
     key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      losses = module.apply({'params': params, **state.model_state}, batch, key,
-                            method=model_lib.RCNN.losses)
-      return sum(losses.values()), losses
+      svars = {'params': params['student'], **state.model_state['student']}
+      feats = module.apply(svars, batch['image'], method=model_lib.RCNN.features)
+      out = module.apply(svars, batch, key, feats, return_aux=method == 'kd',
+                         method=model_lib.RCNN.losses)
+      losses, aux = out if method == 'kd' else (out, None)
+      distill_state = state.model_state['distill']
+      if method != 'none':
+        tfeats = jax.lax.stop_gradient(teacher.apply(
+            teacher_variables, batch['image'], method=model_lib.RCNN.features))
+        dvars = {'params': params['distill'], **distill_state}
+        if method == 'reviewkd':
+          outs, distill_state = head.apply(dvars, det_distill.pyramid(feats), train=True,
+                                           mutable=['batch_stats'])
+          losses['loss_reviewkd'] = det_distill.reviewkd_loss(
+              outs, det_distill.pyramid(tfeats), weight=config.reviewkd_weight)
+        elif method == 'fitnet':
+          level = det_distill.FITNET_LEVEL
+          adapted, distill_state = head.apply(dvars, feats[level], train=True,
+                                              mutable=['batch_stats'])
+          losses['loss_fitnet'] = det_distill.fitnet_loss(adapted, tfeats[level],
+                                                          weight=config.fitnet_weight)
+        elif method == 'fgfi':
+          levels = det_distill.pyramid(feats)
+          masks = det_distill.imitation_masks(
+              module.config.rpn.anchors, [f.shape[1:3] for f in levels], batch['boxes'],
+              batch['gt_valid'], image_shape=batch['image'].shape[1:3])
+          losses['loss_fgfi'] = det_distill.fgfi_loss(
+              head.apply(dvars, levels), det_distill.pyramid(tfeats), masks,
+              weight=config.fgfi_weight)
+        elif method == 'kd':
+          t_logits = det_distill.teacher_roi_logits(teacher, teacher_variables, tfeats,
+                                                     aux['samples'].boxes)
+          losses['loss_kd'] = det_distill.roi_kd_loss(
+              aux['class_logits'], t_logits, aux['samples'].valid,
+              temperature=config.kd_temperature, weight=config.kd_weight)
+      return sum(losses.values()), (losses, distill_state)
 
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (losses, distill_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **losses, 'lr': schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    model_state = {**state.model_state, 'distill': distill_state}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         model_state=model_state), metrics
 
   rep, split = state_lib.replicated(mesh), state_lib.batch_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, rep), donate_argnums=0)
+  return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep),
+                 donate_argnums=0)
 
 
 def make_predict_step(module: model_lib.RCNN, mesh):
@@ -190,6 +257,9 @@ class _Setup:
   tx: Any
   schedule: Any
   weights_report: str | None
+  teacher: model_lib.RCNN | None
+  teacher_variables: Any
+  head: nn.Module | None
 
 
 def train_detector(config: ml_collections.ConfigDict, workdir: str, *,
@@ -224,24 +294,61 @@ def _set_up(config, workdir: str, devices) -> _Setup:
     if config[name] % mesh.size:
       raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
                        f'devices ({mesh.size}): it is the global batch, split over them.')
+  if config.method not in METHODS:
+    raise ValueError(f'config.method={config.method!r} is not a detection method; choose one '
+                     f'of {METHODS}.')
+  distilling = config.method != 'none'
+  if distilling and not (config.teacher_backbone and config.teacher_weights):
+    raise ValueError(
+        f'config.method={config.method!r} distils from a teacher detector: set '
+        '--config.teacher_backbone (e.g. resnet101) and --config.teacher_weights=PATH (a '
+        'Detectron2 model-zoo .pkl such as model_final_f6e8b1.pkl for faster_rcnn_R_101_FPN_3x, '
+        'a torchvision detection .pth, or the final/ folder of a run of this trainer).')
+  for field in ('weights', 'teacher_weights'):
+    if config[field] and not epath.Path(config[field]).exists():
+      raise FileNotFoundError(
+          f'config.{field}={config[field]!r} does not exist. Give a Detectron2 model-zoo '
+          '.pkl, a torchvision detection or ImageNet .pth'
+          + (', or leave it empty to start from random weights.' if field == 'weights'
+             else '.'))
   data_config = det_data.DetectionDataConfig.from_config(config, masks=config.mask)
   pipeline = det_data.create_detection_pipeline(
       data_config, process_index=jax.process_index(), process_count=jax.process_count())
-  det_config = detector_config(config, pipeline.num_classes)
-  module = model_lib.RCNN(det_config)
-  if config.weights and not epath.Path(config.weights).exists():
-    raise FileNotFoundError(
-        f'config.weights={config.weights!r} does not exist. Give a Detectron2 model-zoo .pkl, '
-        'a torchvision detection or ImageNet .pth, or leave it empty to start from random '
-        'weights.')
-  variables = jax.jit(lambda k: model_lib.init_variables(module, k))(
-      jax.random.key(config.seed))
-  variables = flax.core.unfreeze(variables)
-  params = variables.pop('params')
-  tx, schedule = make_optimizer(config, params)
+  module = model_lib.RCNN(detector_config(config, pipeline.num_classes))
+  image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
+
+  teacher, teacher_variables, head = None, None, None
   rep = state_lib.replicated(mesh)
+  distill_vars: dict = {}
+  if distilling:
+    teacher = model_lib.RCNN(detector_config(config, pipeline.num_classes, teacher=True))
+    teacher_variables = _load_teacher(config, teacher)
+    teacher_shapes = jax.eval_shape(
+        lambda v: teacher.apply(v, image, method=model_lib.RCNN.features), teacher_variables)
+    student_shapes = jax.eval_shape(
+        lambda k: module.apply(model_lib.init_variables(module, k), image,
+                               method=model_lib.RCNN.features), jax.random.key(0))
+    head = distill_module(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
+    if head is not None:
+      zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in student_shapes.items()}
+      if config.method == 'fitnet':
+        args, kw = (zeros[det_distill.FITNET_LEVEL],), {'train': False}
+      elif config.method == 'reviewkd':
+        args, kw = (det_distill.pyramid(zeros),), {'train': False}
+      else:
+        args, kw = (det_distill.pyramid(zeros),), {}
+      distill_vars = flax.core.unfreeze(jax.jit(lambda k: head.init(k, *args, **kw))(
+          jax.random.key(config.seed + 2)))
+    teacher_variables = jax.device_put(teacher_variables, rep)
+
+  variables = flax.core.unfreeze(jax.jit(lambda k: model_lib.init_variables(module, k))(
+      jax.random.key(config.seed)))
+  student_params = variables.pop('params')
+  params = {'student': student_params, 'distill': distill_vars.pop('params', {})}
+  model_state = {'student': variables, 'distill': distill_vars}
+  tx, schedule = make_optimizer(config, params)
   state = jax.device_put(state_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
   run_meta = {k: config[k] for k in _RESUME_KEYS}
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
@@ -253,18 +360,39 @@ def _set_up(config, workdir: str, devices) -> _Setup:
       state = resumed[0]
     elif config.weights:
       loaded = weights_lib.load_detector_weights(
-          config.weights, {'params': params, **variables}, source=config.weights_source)
+          config.weights, {'params': student_params, **variables},
+          source=config.weights_source)
       new = flax.core.unfreeze(loaded.variables)
-      new_params = new.pop('params')
-      state = jax.device_put(state.replace(params=new_params, model_state=new,
-                                           opt_state=tx.init(new_params)), rep)
+      params = {'student': new.pop('params'), 'distill': params['distill']}
+      state = jax.device_put(state.replace(
+          params=params, model_state={**model_state, 'student': new},
+          opt_state=tx.init(params)), rep)
       report = str(loaded.report)
   except BaseException:
     ckpts.close()
     raise
   return _Setup(config=config, module=module, mesh=mesh, pipeline=pipeline, state=state,
                 resumed=resumed is not None, ckpts=ckpts, run_meta=run_meta, tx=tx,
-                schedule=schedule, weights_report=report)
+                schedule=schedule, weights_report=report, teacher=teacher,
+                teacher_variables=teacher_variables, head=head)
+
+
+def _load_teacher(config, teacher: model_lib.RCNN) -> Any:
+  """Returns the frozen teacher's variables from `config.teacher_weights`: a Detectron2 or
+  torchvision file, or a `final`/`best` folder (or workdir) of a run of this trainer."""
+  template = model_lib.abstract_variables(teacher)
+  path = epath.Path(config.teacher_weights)
+  if path.is_dir():
+    folder = path / checkpoint_lib.FINAL if (path / checkpoint_lib.FINAL).exists() else path
+    variables, _ = checkpoint_lib.load_model(
+        str(folder), template,
+        sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    logging.info('Teacher %s from %s.', config.teacher_backbone, folder)
+    return variables
+  loaded = weights_lib.load_detector_weights(str(path), template,
+                                             source=config.teacher_weights_source)
+  logging.info('Teacher %s from %s: %s', config.teacher_backbone, path, loaded.report)
+  return loaded.variables
 
 
 def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
@@ -281,10 +409,12 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
   state, total = setup.state, config.max_steps
   step = int(state.step)
   logging.info('%s %s-FPN (%s conventions) on %s: %d classes, %d evaluation images, global '
-               'batch %d over %d devices (%d processes), %d steps.',
+               'batch %d over %d devices (%d processes), %d steps%s.',
                'Mask R-CNN' if config.mask else 'Faster R-CNN', config.backbone,
                config.convention, config.dataset, pipeline.num_classes, pipeline.num_eval,
-               config.batch_size, mesh.size, jax.process_count(), total)
+               config.batch_size, mesh.size, jax.process_count(), total,
+               '' if config.method == 'none' else
+               f', distilled by {config.method} from a {config.teacher_backbone}-FPN teacher')
   if setup.weights_report:
     logging.info('Weights from %s: %s', config.weights, setup.weights_report)
   if setup.resumed:
@@ -296,8 +426,11 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
   predict_step = make_predict_step(setup.module, mesh)
   evals = []
 
+  def student_variables():
+    return {'params': state.params['student'], **state.model_state['student']}
+
   def run_eval(at_step: int) -> dict:
-    variables = {'params': state.params, **state.model_state}
+    variables = student_variables()
     metrics = evaluate(predict_step, variables, pipeline, mesh, masks=config.mask)
     metrics['step'] = at_step
     evals.append(metrics)
@@ -313,14 +446,14 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
     final = run_eval(0)
     return DetectionResult(workdir, state, 0, 0, final, [], evals)
 
-  train_step = make_train_step(setup.module, setup.tx, setup.schedule, mesh)
+  train_step = make_train_step(setup.module, setup.tx, setup.schedule, mesh, config=config,
+                               teacher=setup.teacher, head=setup.head)
   num_train = getattr(pipeline.source, 'num_train', 0)
   steps_per_epoch = max(1, num_train // config.batch_size) if num_train else total
   logger = progress.MetricLogger(
       writer, total_steps=total, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size,
       nonfinite_hint=lambda: f'The newest checkpoint is step {ckpts.latest_step()}.')
-  saved_step = ckpts.latest_step()
   meta = lambda s: {**setup.run_meta, 'step': s}  # noqa: E731
   stop_at = min(total, config.stop_after_step or total)
   split = state_lib.batch_sharded(mesh)
@@ -330,7 +463,7 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
       prefetch=config.prefetch_batches)
   with _StopSignal() as stop_signal:
     while step < stop_at:
-      state, metrics = train_step(state, next(batches))
+      state, metrics = train_step(state, next(batches), setup.teacher_variables)
       step += 1
       logger.add(metrics)
       if step % config.log_every_steps == 0 or step == stop_at:
@@ -341,14 +474,12 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
         logger.flush(step)
         with logger.paused('checkpoint'):
           ckpts.save(step, state, meta(step))
-        saved_step = step
       if stop:
         logging.warning('Stopped at step %d; rerun with the same --workdir to resume.', step)
         return DetectionResult(workdir, state, step, total, None, logger.history, evals)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total:
         with logger.paused('eval'):
           run_eval(step)
-  del saved_step
   final = None
   if step == total:
     final_meta = ckpts.model_meta(checkpoint_lib.FINAL)
@@ -356,8 +487,7 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
       final = {k: v for k, v in final_meta.items() if '/' in k}
     else:
       final = run_eval(step)
-      ckpts.save_model(checkpoint_lib.FINAL, step,
-                       {'params': state.params, **state.model_state},
+      ckpts.save_model(checkpoint_lib.FINAL, step, student_variables(),
                        {**meta(step), **{k: v for k, v in final.items() if '/' in k}})
     logging.info('Done: final box AP %.2f%s (%s/final).', 100 * final['bbox/AP'],
                  f', mask AP {100 * final["segm/AP"]:.2f}' if 'segm/AP' in final else '',
