@@ -1,0 +1,49 @@
+"""Every detection config of the paper's COCO tables builds its detectors; mistakes are one
+message before anything runs (no COCO needed)."""
+import pytest
+
+from configs import coco_detector, coco_distill, digit_scenes_detector
+from reviewkd_jax.detection import backbone as backbone_lib
+from reviewkd_jax.train import SetupError
+from reviewkd_jax.train.detection import METHODS, detector_config, train_detector
+from tests.helpers import ONE_DEVICE
+
+
+@pytest.mark.parametrize('model', sorted(coco_detector.DETECTORS))
+def test_every_detector_config_builds(model):
+  config = coco_detector.get_config(f'model={model}')
+  det = detector_config(config, 80)
+  assert det.backbone == config.backbone in backbone_lib.BACKBONES
+  assert det.mask == model.startswith('mask')
+  assert det.num_classes == det.roi.num_classes == 80
+  assert config.published  # the slides' numbers of the row
+
+
+def test_every_row_of_the_slides_is_a_config():
+  rows = [(p, m) for p, (_, _, _, published) in coco_distill.PAIRS.items() for m in published]
+  assert len(rows) == 2 * 5 + 3 * 2   # Faster R-CNN: 5 rows per pair; Mask R-CNN: 2
+  for pair, method in rows:
+    config = coco_distill.get_config(f'pair={pair},method={method}')
+    assert config.method in METHODS
+    teacher = detector_config(config, 80, teacher=True)
+    assert teacher.input_format == 'BGR' and teacher.stride_in_1x1  # Detectron2 zoo
+    assert detector_config(config, 80).mask == teacher.mask
+  assert coco_distill.get_config('pair=faster_r18_r101,method=reviewkd').reviewkd_weight == 1.2
+  assert coco_distill.get_config('pair=mask_mv2_r50,method=reviewkd').reviewkd_weight == 1.0
+  with pytest.raises(ValueError, match='methods none, reviewkd only'):
+    coco_distill.get_config('pair=mask_r18_r101,method=kd')
+
+
+def test_missing_teacher_or_data_stops_with_what_to_prepare(tmp_path):
+  config = coco_distill.get_config('pair=faster_r18_r101,method=reviewkd')
+  with pytest.raises(SetupError, match='teacher_weights'):
+    train_detector(config, str(tmp_path / 'a'), devices=ONE_DEVICE)
+  config = coco_detector.get_config('model=faster_rcnn_r18_fpn')
+  config.data_dir = str(tmp_path / 'no_coco')
+  with pytest.raises(SetupError, match='coco/2017'):
+    train_detector(config, str(tmp_path / 'b'), devices=ONE_DEVICE)
+  config = digit_scenes_detector.get_config()
+  config.method = 'reviewkdd'
+  with pytest.raises(SetupError, match='not a detection method'):
+    train_detector(config, str(tmp_path / 'c'), devices=ONE_DEVICE)
+  assert not any(tmp_path.iterdir())
