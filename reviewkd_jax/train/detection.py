@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
@@ -41,7 +40,7 @@ from reviewkd_jax.detection import weights as weights_lib
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
 from reviewkd_jax.train import state as state_lib
-from reviewkd_jax.train.trainer import SetupError, _StopSignal, flat_hparams
+from reviewkd_jax.train.trainer import SetupError, _StopSignal, flat_hparams, run_in_workdir
 
 # What the detector reads of a batch (the rest stays on the host, for evaluation).
 _TRAIN_KEYS = ('image', 'image_size', 'boxes', 'labels', 'gt_valid', 'masks')
@@ -274,17 +273,7 @@ def train_detector(config: ml_collections.ConfigDict, workdir: str, *,
   except (ValueError, FileNotFoundError, checkpoint_lib.NoUsableCheckpointError,
           data_lib.DatasetNotFoundError) as e:
     raise SetupError(str(e)) from e
-  try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-              if jax.process_index() == 0 else metric_writers.MultiWriter([]))
-    try:
-      return _train(setup, workdir, writer)
-    finally:
-      writer.flush()
-      writer.close()
-  finally:
-    setup.ckpts.close()
+  return run_in_workdir(workdir, setup.ckpts, lambda writer: _train(setup, workdir, writer))
 
 
 def _set_up(config, workdir: str, devices) -> _Setup:

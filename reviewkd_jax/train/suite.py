@@ -1,6 +1,9 @@
-"""Suites: several runs of one config file in order (the offline demo: a teacher, then
+"""Suites: several runs of one config file in order (the offline demos: a teacher, then
 students alone and with ReviewKD over several seeds), each in its own folder of the workdir,
 then a summary: a table, an optional comparison of groups of runs, and a plot.
+
+Classification runs are scored by top-1 (%), detection runs (`task='detection'`) by COCO
+box AP (x100); a suite holds one kind.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from reviewkd_jax.train.detection import is_detection, train_detector
 from reviewkd_jax.train.trainer import RunResult, train_and_evaluate
 
 PLOT_FILE = 'accuracy.png'
@@ -36,21 +40,37 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
   results = {}
   for name in config.run_order:
     run = copy.deepcopy(config.runs[name])
-    run.teacher_checkpoint = run.teacher_checkpoint.replace('{workdir}', workdir)
-    logging.info('=== %s: %s (method %s) in %s/%s', name, run.model, run.method, workdir, name)
-    results[name] = train_and_evaluate(run, f'{workdir}/{name}', devices=devices)
+    if is_detection(run):
+      run.teacher_weights = run.teacher_weights.replace('{workdir}', workdir)
+      logging.info('=== %s: %s-FPN (method %s) in %s/%s', name, run.backbone, run.method,
+                   workdir, name)
+      results[name] = train_detector(run, f'{workdir}/{name}', devices=devices)
+    else:
+      run.teacher_checkpoint = run.teacher_checkpoint.replace('{workdir}', workdir)
+      logging.info('=== %s: %s (method %s) in %s/%s', name, run.model, run.method, workdir,
+                   name)
+      results[name] = train_and_evaluate(run, f'{workdir}/{name}', devices=devices)
+  metric = _metric(config)
   summary = {'runs': _run_summaries(config, results)}
-  lines = [f'Results on {config.runs[config.run_order[0]].dataset} (eval split), '
-           'final / best top-1:']
-  for name, row in summary['runs'].items():
-    lines.append(f'  {name:<12} {row["who"]:<36} {row["final_top1"]:6.2f}% / '
-                 f'{row["best_top1"]:6.2f}%')
+  if metric['key'] == 'top1':
+    lines = [f'Results on {config.runs[config.run_order[0]].dataset} (eval split), '
+             'final / best top-1:']
+    for name, row in summary['runs'].items():
+      lines.append(f'  {name:<12} {row["who"]:<36} {row["final_top1"]:6.2f}% / '
+                   f'{row["best_top1"]:6.2f}%')
+  else:
+    lines = [f'Results on {config.runs[config.run_order[0]].dataset} (held-out), final box AP'
+             ' / mask AP:']
+    for name, row in summary['runs'].items():
+      lines.append(f'  {name:<12} {row["who"]:<44} {row["final"]:6.2f} / '
+                   f'{row["final_mask_ap"]:6.2f}')
   if 'groups' in config:
-    summary['groups'] = {group: _group_stats([summary['runs'][n]['final_top1'] for n in names])
+    summary['groups'] = {group: _group_stats([summary['runs'][n]['final'] for n in names])
                          for group, names in config.groups.items()}
     for group, stats in summary['groups'].items():
-      lines.append(f'  {group}: {stats["mean"]:.2f}% +- {stats["std"]:.2f} (final top-1, mean '
-                   f'+- standard deviation over {stats["count"]} runs)')
+      lines.append(f'  {group}: {stats["mean"]:.2f}{metric["unit"]} +- {stats["std"]:.2f} '
+                   f'(final {metric["name"]}, mean +- standard deviation over {stats["count"]} '
+                   'runs)')
   if 'compare' in config:
     lines.append(_comparison(config, summary))
   if jax.process_index() == 0:
@@ -60,15 +80,32 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
   return results
 
 
-def _run_summaries(config, results: dict[str, RunResult]) -> dict[str, dict]:
+def _metric(config) -> dict:
+  """Returns how the suite's runs are scored: top-1 (%) or COCO box AP (x100)."""
+  if is_detection(config.runs[config.run_order[0]]):
+    return {'key': 'bbox/AP', 'name': 'box AP', 'unit': '', 'scale': 100.0}
+  return {'key': 'top1', 'name': 'top-1', 'unit': '%', 'scale': 1.0}
+
+
+def _run_summaries(config, results: dict) -> dict[str, dict]:
   rows = {}
   for name, result in results.items():
     run = config.runs[name]
+    if is_detection(run):
+      who = f'{run.backbone}-FPN' + (
+          f' + {run.method} from {run.teacher_backbone}' if run.method != 'none' else ' alone')
+      final = result.final or {}
+      rows[name] = {'who': who, 'model': f'{run.backbone}-FPN', 'method': run.method,
+                    'teacher': run.teacher_backbone, 'seed': run.seed,
+                    'final': 100 * final.get('bbox/AP', float('nan')),
+                    'final_mask_ap': 100 * final.get('segm/AP', float('nan'))}
+      continue
     who = run.model + (f' + {run.method} from {run.teacher}' if run.method != 'none' else
                        ' alone')
+    final = result.final['top1'] if result.final else float('nan')
     rows[name] = {'who': who, 'model': run.model, 'method': run.method,
-                  'teacher': run.teacher, 'seed': run.seed,
-                  'final_top1': result.final['top1'] if result.final else float('nan'),
+                  'teacher': run.teacher, 'seed': run.seed, 'final': final,
+                  'final_top1': final,
                   'best_top1': result.best['top1'] if result.best else float('nan')}
   return rows
 
@@ -82,17 +119,19 @@ def _group_stats(values: list[float]) -> dict:
 
 def _comparison(config, summary: dict) -> str:
   """Returns the one sentence that says what the suite shows."""
+  metric = _metric(config) if 'runs' in config else {'name': 'top-1', 'unit': '%'}
   better, base = (summary['groups'][g] for g in config.compare)
   gain = better['mean'] - base['mean']
   spread = max(better['std'], base['std'])
   verdict = ('more than the spread over seeds' if abs(gain) > spread else
              'within the spread over seeds: no conclusion')
-  sentence = (f'{config.compare[0]}: {gain:+.2f} points over {config.compare[1]} (final top-1, '
-              f'mean over {base["count"]} seeds; {verdict}).')
+  sentence = (f'{config.compare[0]}: {gain:+.2f} points over {config.compare[1]} (final '
+              f'{metric["name"]}, mean over {base["count"]} seeds; {verdict}).')
   if 'teacher' in summary['runs']:
     teacher = summary['runs']['teacher']
     note = f', {config.teacher_note}' if 'teacher_note' in config else ''
-    sentence += f' Teacher {teacher["model"]}: {teacher["final_top1"]:.2f}%{note}.'
+    value = teacher.get('final', teacher.get('final_top1'))
+    sentence += f' Teacher {teacher["model"]}: {value:.2f}{metric["unit"]}{note}.'
   summary['comparison'] = {'groups': list(config.compare), 'gain': gain, 'spread': spread,
                            'sentence': sentence}
   return sentence
@@ -108,13 +147,16 @@ def _plot(results: dict[str, RunResult], path: epath.Path) -> None:
     logging.warning('matplotlib is not installed: no %s.', path.name)
     return
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  detection = False
   for name, result in results.items():
     if result.evals:
-      ax.plot([e['epoch'] for e in result.evals], [e['top1'] for e in result.evals],
-              marker='o', markersize=3, label=name,
+      detection = 'bbox/AP' in result.evals[0]
+      xs = [e['step'] if detection else e['epoch'] for e in result.evals]
+      ys = [100 * e['bbox/AP'] if detection else e['top1'] for e in result.evals]
+      ax.plot(xs, ys, marker='o', markersize=3, label=name,
               linestyle='-' if not name.startswith('student') else '--')
-  ax.set_xlabel('epoch')
-  ax.set_ylabel('held-out top-1 (%)')
+  ax.set_xlabel('step' if detection else 'epoch')
+  ax.set_ylabel('held-out box AP' if detection else 'held-out top-1 (%)')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()

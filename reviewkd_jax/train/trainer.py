@@ -127,18 +127,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     setup = _set_up(config, workdir, devices)
   except (ValueError, FileNotFoundError, checkpoint_lib.NoUsableCheckpointError) as e:
     raise SetupError(str(e)) from e
+  return run_in_workdir(workdir, setup.ckpts, lambda writer: _train(setup, workdir, writer))
+
+
+def run_in_workdir(workdir: str, ckpts: checkpoint_lib.RunCheckpoints, body):
+  """Returns `body(writer)` run with the workdir created and a metric writer open (TensorBoard
+  files from process 0; every process logs its progress lines), closing both afterwards."""
   try:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    # TensorBoard files from process 0; the console gets the progress lines (every process).
     writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
               if jax.process_index() == 0 else metric_writers.MultiWriter([]))
     try:
-      return _train(setup, workdir, writer)
+      return body(writer)
     finally:
       writer.flush()
       writer.close()
   finally:
-    setup.ckpts.close()
+    ckpts.close()
 
 
 def _set_up(config, workdir: str, devices) -> _Setup:
