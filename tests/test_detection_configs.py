@@ -2,7 +2,9 @@
 message before anything runs (no COCO needed)."""
 import pytest
 
-from configs import coco_detector, coco_distill, digit_scenes_detector
+from configs import coco_detector, coco_distill, demo_digit_scenes, detection_default
+from configs import digit_scenes_detector
+from reviewkd_jax.detection import data as det_data
 from reviewkd_jax.detection import backbone as backbone_lib
 from reviewkd_jax.train import SetupError
 from reviewkd_jax.train.detection import METHODS, detector_config, train_detector
@@ -17,6 +19,25 @@ def test_every_detector_config_builds(model):
   assert det.mask == model.startswith('mask')
   assert det.num_classes == det.roi.num_classes == 80
   assert config.published  # the slides' numbers of the row
+
+
+def test_every_detection_config_file_is_checked_here():
+  from tests.test_configs import DETECTION_FILES  # pylint: disable=g-import-not-at-top
+  here = {'coco_detector', 'coco_distill', 'detection_default', 'digit_scenes_detector',
+          'demo_digit_scenes'}
+  assert set(DETECTION_FILES) == here
+
+
+@pytest.mark.parametrize('config', [
+    detection_default.get_config(), digit_scenes_detector.get_config(),
+    *demo_digit_scenes.get_config().runs.values()])
+def test_plain_and_offline_detection_configs_build(config):
+  det = detector_config(config, 10)
+  assert det.fpn_channels == config.fpn_channels
+  data_config = det_data.DetectionDataConfig.from_config(config, masks=config.mask)
+  assert data_config.pad_size == tuple(config.pad_size)
+  if config.method != 'none':
+    assert detector_config(config, 10, teacher=True).backbone == config.teacher_backbone
 
 
 def test_every_row_of_the_slides_is_a_config():
