@@ -48,9 +48,9 @@ def main():
   parser.add_argument('--config', default='configs/cifar100_r56_r20.py')
   parser.add_argument('--model', default='', help='profile this backbone alone (fwd+bwd)')
   parser.add_argument('--batch_size', type=int, default=128)
-  parser.add_argument('--block_barrier', action='store_true',
-                      help='trace with barriers on residual block outputs (see '
-                           'xla_cpu_flags.py) and keep them through fusion')
+  parser.add_argument('--variant', default='shipped',
+                      help='a variant of xla_cpu_flags.py (XLA:CPU options, block barriers, '
+                           "code before issue 10), e.g. 'before'")
   parser.add_argument('--out', default='/tmp/reviewkd_cpu_profile')
   parser.add_argument('--top', type=int, default=8)
   args = parser.parse_args()
@@ -60,8 +60,8 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import xla_cpu_flags  # pylint: disable=g-import-not-at-top
 
-  options = ({'xla_disable_hlo_passes': 'cse_barrier_expander'} if args.block_barrier
-             else None)
+  from reviewkd_jax import platform  # pylint: disable=g-import-not-at-top
+  options, barriers, restored, _ = xla_cpu_flags.VARIANTS[args.variant]
   if args.model:
     from reviewkd_jax.models import create_model  # pylint: disable=g-import-not-at-top
     model = create_model(args.model, num_classes=100)
@@ -73,9 +73,11 @@ def main():
                            mutable=['batch_stats'])
       return jnp.mean(out[0])
 
-    with xla_cpu_flags.block_barriers(args.block_barrier):
+    with xla_cpu_flags.variant_code(barriers, restored):
       lowered = jax.jit(jax.grad(loss)).lower(variables['params'], variables, x)
-    compiled = lowered.compile(compiler_options=options)
+    with xla_cpu_flags.step_options(options):
+      compiled = lowered.compile(
+          compiler_options=platform.step_compiler_options(jax.devices()))
     run = lambda: compiled(variables['params'], variables, x)
   else:
     from reviewkd_jax.bench import jax_step  # pylint: disable=g-import-not-at-top
@@ -84,10 +86,11 @@ def main():
     spec.loader.exec_module(module)
     config = module.get_config()
     config.batch_size = args.batch_size
-    step = jax_step.build(config, steps_per_epoch=1000)
-    with xla_cpu_flags.block_barriers(args.block_barrier):
+    with xla_cpu_flags.step_options(options):
+      step = jax_step.build(config, steps_per_epoch=1000)
+    with xla_cpu_flags.variant_code(barriers, restored):
       lowered = step.train_step.lower(step.state, step.batch, step.teacher_variables)
-    compiled = lowered.compile(compiler_options=options)
+    compiled = lowered.compile()
     holder = {'state': step.state}
 
     def run():

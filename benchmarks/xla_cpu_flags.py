@@ -1,20 +1,22 @@
-"""A/B of XLA:CPU compiler options (and one model-side variant) on a config's train step.
+"""A/B of the train step's XLA:CPU options and of this project's code changes, in one process.
 
-  python benchmarks/xla_cpu_flags.py --config=configs/cifar100_r56_r20.py --rounds=8 \
-      --out=benchmarks/xla_cpu_flags_r56_r20.json
+  python benchmarks/xla_cpu_flags.py --config=configs/cifar100_r56_r20.py --rounds=6 \
+      --out=benchmarks/xla_cpu_ab_r56_r20.json
 
-Every variant is compiled in this one process (`Lowered.compile(compiler_options=...)` takes
-XLA debug options per program) from the same initial state, and the variants then take
-turns step by step, in a rotating order, for `--rounds` rounds. The figures of merit are
-the medians over rounds of the default's step time divided by each variant's in the same
-round, for wall time and for this process's CPU time (all threads): on a machine shared
-with other jobs the CPU time is the steadier of the two. First-step losses show whether a variant computes the same thing (equal
-to the bit with an option that should change the kernels means it changed nothing).
+Every variant is a train step built and compiled in this one process from the same initial
+state, and the variants then take turns step by step, in a rotating order, for `--rounds`
+rounds. The figures of merit are the medians over rounds of the reference variant's step
+time divided by each variant's in the same round (`--reference`, default 'before': the step
+as it was before the CPU work of issue 10), for wall time and for this process's CPU time
+(all threads). First-step losses show whether a variant computes the same thing.
 
-The 'block_barrier' variants trace the model with `jax.lax.optimization_barrier` on every
-residual block's output (a monkeypatch of the CIFAR ResNet block here, an experiment) and
-keep XLA:CPU from deleting those barriers before fusion (`cse_barrier_expander` disabled):
-they test whether stopping the fusion pass from re-computing the residual chain helps.
+A variant is (XLA:CPU options of the step, residual-block barriers on/off, code restored
+from before, config overrides):
+- the options replace `reviewkd_jax.platform.CPU_STEP_OPTIONS` while its step is built;
+- without barriers, `models.layers.block_output` is the identity while it is traced;
+- 'gather_resize' restores the gather-based nearest resize of the ABFs (its gradient a
+  scatter-add), 'matrix_pool' HCL's pooling by averaging matrices at every size; both are
+  kept below as they were, to measure what replacing them did.
 """
 from __future__ import annotations
 
@@ -32,52 +34,87 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-VARIANTS = {  # name: (XLA compiler options, block barriers, config overrides)
-    'default': ({}, False, {}),
-    'onednn_custom_call': ({'xla_cpu_experimental_onednn_custom_call': True}, False, {}),
-    'legacy_emitters': ({'xla_cpu_use_fusion_emitters': False}, False, {}),
-    'fast_math': ({'xla_cpu_enable_fast_math': True}, False, {}),
-    'vector_width_512': ({'xla_cpu_prefer_vector_width': 512}, False, {}),
-    'block_barrier': ({'xla_disable_hlo_passes': 'cse_barrier_expander'}, True, {}),
-    'block_barrier+legacy': ({'xla_disable_hlo_passes': 'cse_barrier_expander',
-                              'xla_cpu_use_fusion_emitters': False}, True, {}),
-    # Convolutions through XLA's Eigen runtime (multi-threaded) instead of YNNPACK fusions,
-    # which this jaxlib uses by default; YNNPACK keeps the dots.
-    'eigen_convs': ({'xla_cpu_experimental_ynn_fusion_type':
-                     'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}, False, {}),
-    'eigen_convs+block_barrier': ({'xla_cpu_experimental_ynn_fusion_type':
-                                   'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
-                                   'xla_disable_hlo_passes': 'cse_barrier_expander'}, True, {}),
-    'bfloat16': ({}, False, {'dtype': 'bfloat16'}),
-    'bfloat16+block_barrier': ({'xla_disable_hlo_passes': 'cse_barrier_expander'}, True,
-                               {'dtype': 'bfloat16'}),
+EIGEN = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+KEEP_BARRIERS = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+SHIPPED = dict(KEEP_BARRIERS)
+NEW_CODE, OLD_CODE = (), ('gather_resize', 'matrix_pool')
+
+VARIANTS = {  # name: (step options, block barriers, code restored from before, overrides)
+    'shipped': (SHIPPED, True, NEW_CODE, {}),
+    'before': ({}, False, OLD_CODE, {}),
+    'xla_defaults': ({}, False, NEW_CODE, {}),
+    'eigen_convs': (EIGEN, False, NEW_CODE, {}),
+    'eigen_convs+block_barrier': ({**EIGEN, **KEEP_BARRIERS}, True, NEW_CODE, {}),
+    'gather_resize': (SHIPPED, True, ('gather_resize',), {}),
+    'matrix_pool': (SHIPPED, True, ('matrix_pool',), {}),
+    'onednn_custom_call': ({'xla_cpu_experimental_onednn_custom_call': True}, False, NEW_CODE,
+                           {}),
+    'legacy_emitters': ({'xla_cpu_use_fusion_emitters': False}, False, NEW_CODE, {}),
+    'bfloat16': (SHIPPED, True, NEW_CODE, {'dtype': 'bfloat16'}),
 }
 
 
-@contextlib.contextmanager
-def block_barriers(enabled: bool):
-  """Puts an optimization barrier on every CIFAR ResNet block output while tracing."""
-  if not enabled:
-    yield
-    return
+def _gather_nearest_resize(x, size):
+  """The ABFs' nearest resize before issue 10: two gathers at PyTorch's source indices."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.distill import reviewkd  # pylint: disable=g-import-not-at-top
+  h, w = size
+  if (x.shape[1], x.shape[2]) == (h, w):
+    return x
+  x = jnp.take(x, jnp.asarray(reviewkd._torch_nearest_index(x.shape[1], h)), axis=1)  # pylint: disable=protected-access
+  return jnp.take(x, jnp.asarray(reviewkd._torch_nearest_index(x.shape[2], w)), axis=2)  # pylint: disable=protected-access
+
+
+def _matrix_adaptive_avg_pool(x, size):
+  """HCL's pooling before issue 10: averaging matrices at every size, one einsum."""
   import jax  # pylint: disable=g-import-not-at-top
-  from reviewkd_jax.models import cifar_resnet  # pylint: disable=g-import-not-at-top
-  original = cifar_resnet.ResidualBlock.__call__
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.losses import review  # pylint: disable=g-import-not-at-top
+  oh, ow = (size, size) if isinstance(size, int) else size
+  ph = jnp.asarray(review.adaptive_pool_matrix(x.shape[1], oh))
+  pw = jnp.asarray(review.adaptive_pool_matrix(x.shape[2], ow))
+  return jnp.einsum('ih,jw,nhwc->nijc', ph, pw, x, precision=jax.lax.Precision.HIGHEST)
 
-  def call(self, x, train):
-    return jax.lax.optimization_barrier(original(self, x, train))
 
-  cifar_resnet.ResidualBlock.__call__ = call
+@contextlib.contextmanager
+def variant_code(barriers: bool, restored=()):
+  """Traces the model with or without block barriers and with the named old code."""
+  from reviewkd_jax.distill import reviewkd  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.losses import review  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.models import layers  # pylint: disable=g-import-not-at-top
+  saved = (layers.block_output, reviewkd.nearest_resize, review.adaptive_avg_pool)
+  if not barriers:
+    layers.block_output = lambda x: x
+  if 'gather_resize' in restored:
+    reviewkd.nearest_resize = _gather_nearest_resize
+  if 'matrix_pool' in restored:
+    review.adaptive_avg_pool = _matrix_adaptive_avg_pool
   try:
     yield
   finally:
-    cifar_resnet.ResidualBlock.__call__ = original
+    layers.block_output, reviewkd.nearest_resize, review.adaptive_avg_pool = saved
+
+
+@contextlib.contextmanager
+def step_options(options: dict):
+  """Builds steps with `options` in place of the shipped XLA:CPU step options."""
+  from reviewkd_jax import platform  # pylint: disable=g-import-not-at-top
+  saved = dict(platform.CPU_STEP_OPTIONS)
+  platform.CPU_STEP_OPTIONS.clear()
+  platform.CPU_STEP_OPTIONS.update(options)
+  try:
+    yield
+  finally:
+    platform.CPU_STEP_OPTIONS.clear()
+    platform.CPU_STEP_OPTIONS.update(saved)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/cifar100_r56_r20.py')
-  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--variants', default='before,shipped,xla_defaults,gather_resize,'
+                      'matrix_pool,eigen_convs,eigen_convs+block_barrier')
+  parser.add_argument('--reference', default='before')
   parser.add_argument('--rounds', type=int, default=8)
   parser.add_argument('--batch_size', type=int, default=0)
   parser.add_argument('--dtype', default='')
@@ -85,7 +122,6 @@ def main():
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   import importlib.util  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import hardware, jax_step  # pylint: disable=g-import-not-at-top
@@ -101,17 +137,18 @@ def main():
   names = args.variants.split(',')
   compiled, states, first, compile_s = {}, {}, {}, {}
   for name in names:
-    options, barrier, overrides = VARIANTS[name]
+    options, barrier, restored, overrides = VARIANTS[name]
     variant_config = config.copy_and_resolve_references()
     variant_config.update(overrides)
     # A fresh step per variant: a jitted function caches its trace, so a model patched
     # after the first `lower` would not be traced again.
-    step = jax_step.build(variant_config, steps_per_epoch=1000)
+    with step_options(options):
+      step = jax_step.build(variant_config, steps_per_epoch=1000)
     state = step.state
-    with block_barriers(barrier):
+    with variant_code(barrier, restored):
       lowered = step.train_step.lower(state, step.batch, step.teacher_variables)
     t0 = time.perf_counter()
-    compiled[name] = lowered.compile(compiler_options=options or None)
+    compiled[name] = lowered.compile()
     compile_s[name] = time.perf_counter() - t0
     states[name], metrics = compiled[name](state, step.batch, step.teacher_variables)
     first[name] = float(metrics['loss'])
@@ -129,24 +166,26 @@ def main():
       cpu[name].append(time.process_time() - c0)
     print(f'round {r}: ' + ', '.join(f'{n} {times[n][-1] * 1e3:.0f}' for n in names) +
           f' ms (load {os.getloadavg()[0]:.1f})', flush=True)
-  base = np.asarray(times['default']) if 'default' in times else None
-  base_cpu = np.asarray(cpu['default']) if 'default' in cpu else None
+  ref = args.reference
+  base = np.asarray(times[ref]) if ref in times else None
+  base_cpu = np.asarray(cpu[ref]) if ref in cpu else None
   results = {}
   for name in names:
     t = np.asarray(times[name])
     c = np.asarray(cpu[name])
     rel = np.median(base / t) if base is not None else None
     rel_cpu = np.median(base_cpu / c) if base is not None else None
-    results[name] = {'compiler_options': VARIANTS[name][0], 'block_barrier': VARIANTS[name][1],
-                     'config_overrides': VARIANTS[name][2],
+    results[name] = {'step_options': VARIANTS[name][0], 'block_barrier': VARIANTS[name][1],
+                     'code_before': list(VARIANTS[name][2]),
+                     'config_overrides': VARIANTS[name][3],
                      'compile_s': compile_s[name], 'first_loss': first[name],
                      'median_ms': float(np.median(t) * 1e3), 'times_ms': (t * 1e3).tolist(),
                      'cpu_median_ms': float(np.median(c) * 1e3), 'cpu_ms': (c * 1e3).tolist(),
-                     'speedup_vs_default_paired_median': None if rel is None else float(rel),
-                     'cpu_speedup_vs_default_paired_median':
+                     f'speedup_vs_{ref}_paired_median': None if rel is None else float(rel),
+                     f'cpu_speedup_vs_{ref}_paired_median':
                          None if rel_cpu is None else float(rel_cpu)}
     print(f"{name:<22} median {np.median(t) * 1e3:8.1f} ms wall, {np.median(c) * 1e3:8.1f} ms "
-          f"CPU" + (f"; {rel:.2f}x / {rel_cpu:.2f}x default (median of per-round ratios, "
+          f"CPU" + (f"; {rel:.2f}x / {rel_cpu:.2f}x {ref} (median of per-round ratios, "
                     f"wall / CPU)" if rel is not None else ''))
   if args.out:
     with open(args.out, 'w') as f:
@@ -155,6 +194,7 @@ def main():
                      timespec='seconds'),
                  'machine': hardware.describe(), 'config': args.config,
                  'batch_size': config.batch_size, 'dtype': config.dtype,
+                 'reference': ref,
                  'rounds': args.rounds, 'results': results}, f, indent=2)
 
 

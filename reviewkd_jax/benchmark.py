@@ -3,6 +3,8 @@
   python -m reviewkd_jax.benchmark --config=configs/cifar100_r56_r20.py
   python -m reviewkd_jax.benchmark --config=configs/imagenet_r34_r18.py --dtype=bfloat16 \
       --torch=eager --json=/tmp/r34_r18.json
+  python -m reviewkd_jax.benchmark --config=configs/cifar100_r56_r20.py --batch_size=128 \
+      --torch=eager --parts=all --conv --input_pipeline=none
 
 Measures, on synthetic batches already on the device:
 - the JAX train step users run (`reviewkd_jax.train.step.make_train_step`: teacher + student
@@ -13,7 +15,11 @@ Measures, on synthetic batches already on the device:
 - the same step in PyTorch from the same initial weights (`--torch=eager,compile`), written
   as the authors' loop runs it, and the first step's losses of both frameworks;
 - the training input pipeline per host on synthetic CIFAR-100 arrays and ImageNet-sized
-  JPEGs (`--input_pipeline`).
+  JPEGs (`--input_pipeline`);
+- with `--parts=all`, the cost by part in both frameworks on the same shapes (plain student
+  step, teacher forward, ABF stack + HCL forward and backward, optimizer update, full step;
+  `bench/parts.py`), and with `--conv`, single 3x3 convolutions at resnet20's shapes,
+  forward and forward + backward, in XLA:CPU (defaults and the step's options) and PyTorch.
 Frameworks alternate in `--rounds` rounds (J, T, J, T, ...) so a change in machine load hits
 both alike; each round's JAX-over-PyTorch speed-up and the load average are reported, with a
 warning when the load exceeded the core count. Prints a table; `--json` writes everything
@@ -33,7 +39,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from reviewkd_jax import platform as platform_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -47,13 +52,17 @@ flags.DEFINE_list('torch', ['eager', 'compile'], 'PyTorch rows: eager, compile (
                   'default mode), max-autotune, or none.')
 flags.DEFINE_list('input_pipeline', ['auto'], "Input pipelines to time: cifar100, imagenet, "
                   "'auto' (the config's dataset), 'all', or none.")
+flags.DEFINE_list('parts', ['none'], 'Cost by part (bench/parts.py), JAX and PyTorch on the '
+                  'same shapes: student_step, teacher_forward, abf_hcl, optimizer, full_step, '
+                  "'all', or none.")
+flags.DEFINE_integer('parts_per_round', 3, 'Calls per part and framework in each round.')
+flags.DEFINE_bool('conv', False, "Time single 3x3 convolutions at resnet20's shapes (forward, "
+                  'forward + backward) in JAX and PyTorch at the benchmark batch.')
 flags.DEFINE_integer('pipeline_batches', 30, 'Timed batches per input pipeline.')
 flags.DEFINE_integer('pipeline_batch_size', None, 'Global batch of the input pipeline '
                      'measurements (default: the config\'s for its own dataset, 128 for '
                      'CIFAR-100 and 256 for ImageNet otherwise).')
 flags.DEFINE_string('json', None, 'Write the report as JSON to this path.')
-flags.DEFINE_bool('cpu_defaults', True, 'Apply reviewkd_jax.platform.configure_cpu() (the '
-                  'XLA:CPU settings this project chose; see platform.py).')
 
 PIPELINE_BATCH = {'cifar100': 128, 'imagenet': 256}
 
@@ -65,10 +74,12 @@ def _dataset_kind(dataset: str) -> str:
 def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
                   torch_modes=('eager',), input_pipelines=(), pipeline_batches: int = 30,
                   pipeline_batch_size: int | None = None, devices=None,
-                  config_name: str = '') -> dict:
+                  config_name: str = '', parts=(), parts_per_round: int = 3,
+                  conv: bool = False) -> dict:
   """Returns the report dict (see the module docstring); `config` is an experiment config."""
   import jax  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.distill import reviewkd  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax import platform as platform_lib  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import hardware, input_pipeline, jax_step  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import report as report_lib  # pylint: disable=g-import-not-at-top
 
@@ -82,7 +93,9 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
       'command': ' '.join([os.path.basename(sys.executable), '-m', 'reviewkd_jax.benchmark',
                            *sys.argv[1:]]),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'machine': hardware.describe(),
+      'machine': {**hardware.describe(),
+                  'step_compiler_options': platform_lib.step_compiler_options(
+                      step.mesh.devices.flat)},
       'config': {'name': config_name, 'dataset': config.dataset, 'model': config.model,
                  'teacher': config.teacher, 'method': config.method,
                  'batch_size': config.batch_size, 'dtype': config.dtype,
@@ -164,6 +177,17 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
                                     else PIPELINE_BATCH[kind])
     pipelines.append(input_pipeline.measure(kind, batch_size=batch, batches=pipeline_batches))
   report['input_pipeline'] = pipelines
+  if parts or conv:
+    from reviewkd_jax.bench import parts as parts_lib  # pylint: disable=g-import-not-at-top
+    if parts:
+      eager = runners.get('torch_eager')
+      report['parts'] = parts_lib.measure_parts(
+          step, eager.step if eager is not None else None, parts=tuple(parts), rounds=rounds,
+          per_round=parts_per_round)
+    if conv:
+      report['conv'] = parts_lib.measure_convs(
+          config.batch_size, rounds=rounds,
+          device='cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
   report['machine']['load_average_end'] = list(os.getloadavg())
   cores = os.cpu_count() or 1
   loads = [report['machine']['load_average'][0] if report['machine']['load_average'] else 0.0,
@@ -193,11 +217,24 @@ def _pipelines(requested: list[str], dataset: str) -> list[str]:
   return list(dict.fromkeys(out))
 
 
+def _parts(requested: list[str]) -> list[str]:
+  from reviewkd_jax.bench.parts import PARTS  # pylint: disable=g-import-not-at-top
+  out = []
+  for item in requested:
+    if item == 'none':
+      continue
+    if item == 'all':
+      out += list(PARTS)
+    elif item in PARTS:
+      out.append(item)
+    else:
+      raise app.UsageError(f'--parts: unknown {item!r} ({", ".join(PARTS)}, all, none)')
+  return list(dict.fromkeys(out))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if FLAGS.cpu_defaults:
-    platform_lib.configure_cpu()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only
   from reviewkd_jax.bench import report as report_lib  # pylint: disable=g-import-not-at-top
@@ -212,7 +249,8 @@ def main(argv):
       torch_modes=FLAGS.torch, input_pipelines=_pipelines(FLAGS.input_pipeline,
                                                           config.dataset),
       pipeline_batches=FLAGS.pipeline_batches, pipeline_batch_size=FLAGS.pipeline_batch_size,
-      config_name=os.path.basename(config_flags.get_config_filename(FLAGS['config'])))
+      config_name=os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+      parts=_parts(FLAGS.parts), parts_per_round=FLAGS.parts_per_round, conv=FLAGS.conv)
   print(report_lib.format_table(report), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:

@@ -1,80 +1,57 @@
-"""Process-wide XLA settings, which must be chosen before JAX starts its backends.
+"""XLA:CPU compiler options of the train step, chosen by measurement.
 
-`configure_cpu()` appends this project's XLA:CPU flags to `XLA_FLAGS` (flags the user set
-keep their values) when the process will compute on the CPU and JAX's backends are not
-running yet. `python -m reviewkd_jax.benchmark` calls it first thing (`--nocpu_defaults`
-skips it); `main.py` does not, since the flag only matters once the models place
-optimisation barriers, which they do not yet. See `CPU_FLAGS` for what is set and what was
-measured.
+`step_compiler_options(devices)` returns the options that `train.step.make_train_step`
+compiles its program with when every device of the run is a CPU (per program, through
+`jax.jit(..., compiler_options=...)`: nothing process-wide changes, and GPU/TPU programs
+get none). `CPU_STEP_OPTIONS` says what each option does and what it was measured at.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
+import functools
 
 from absl import logging
 
-# XLA:CPU flags applied by `configure_cpu()`, measured on the ReviewKD train step
-# (benchmarks/xla_cpu_ab_*.json; jaxlib 0.10.2, 2-core AMD EPYC):
-# - `--xla_disable_hlo_passes=cse_barrier_expander`: keeps `jax.lax.optimization_barrier`
-#   through XLA:CPU's fusion pass (it is otherwise deleted first). With barriers on the
-#   residual blocks' outputs, the fusion pass stops re-computing whole chains of blocks'
-#   BatchNorm/add/ReLU inside the transposing copies that feed weight-gradient convolutions,
-#   which read several inputs at a 64 KB stride and dominate the CPU profile. On its own
-#   (no barriers in the model) the flag changes nothing.
-# Not set, because they did not help: `--xla_cpu_experimental_onednn_custom_call=true`
-# compiles to the same program as the default here (no oneDNN custom call appears in the
-# HLO, losses equal to the bit); `--xla_cpu_use_fusion_emitters=false` was 7-12% slower;
-# fast math and 512-bit vectors were within the noise.
-CPU_FLAGS: tuple[str, ...] = ('--xla_disable_hlo_passes=cse_barrier_expander',)
+# Per-program XLA:CPU options of the classification train step. Measured with
+# `python benchmarks/xla_cpu_flags.py` (paired rounds in one process, 2-core AMD EPYC,
+# jaxlib 0.10.2, nothing else running; benchmarks/xla_cpu_ab_*.json and README):
+# - `xla_disable_hlo_passes=cse_barrier_expander`: keeps the `optimization_barrier` that
+#   `models.layers.block_output` puts on every residual block's output through fusion, so
+#   XLA:CPU stops re-computing whole chains of blocks' BatchNorm/add/ReLU inside the
+#   transposing copies that feed weight-gradient convolutions. Same losses to the bit.
+# Measured and not set:
+# - `xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT` (convolutions
+#   on XLA's multi-threaded Eigen kernels instead of YNNPACK, whose weight-gradient
+#   convolutions run on one thread): a further 1.16x on resnet56 -> resnet20 with the
+#   barriers, equally accurate per convolution (checked against float64), but its
+#   summation order depends on the batch per device, and VID's loss moved by 8e-4 relative
+#   between 1 and 8 devices (tests/test_comparison_methods.py allows 2e-4). Add it to this
+#   dict before building a step to use it.
+# - `xla_cpu_experimental_onednn_custom_call` (the same program here),
+#   `xla_cpu_use_fusion_emitters=false` (slower), fast math and 512-bit vectors (noise).
+CPU_STEP_OPTIONS: dict[str, str] = {
+    'xla_disable_hlo_passes': 'cse_barrier_expander',
+}
 
-_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin', 'libtpu')
 
-
-def _backends_running() -> bool:
-  """Returns True once any JAX backend exists (XLA_FLAGS is then read already)."""
-  if 'jax' not in sys.modules:
+@functools.cache
+def _accepted(name: str, value: str) -> bool:
+  """Returns True if this jaxlib's CPU compiler accepts the option (a tiny program)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(
+        jax.ShapeDtypeStruct((), 'float32')).compile()
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('XLA:CPU option %s=%s not accepted by this jaxlib (%s); compiling '
+                    'without it.', name, value, str(e).splitlines()[0][:200])
     return False
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return xla_bridge.backends_are_initialized()
 
 
-def cpu_only() -> bool:
-  """Returns True if JAX will compute on the CPU: JAX_PLATFORMS says so, or no GPU/TPU
-  plugin is installed (XLA_FLAGS reach every backend, so GPU runs are left alone)."""
-  platforms = os.environ.get('JAX_PLATFORMS', '').strip().lower()
-  if platforms:
-    return platforms.split(',')[0] == 'cpu'
-  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
-
-
-def _flag_name(flag: str) -> str:
-  return flag.split('=', 1)[0].strip()
-
-
-def configure_cpu(flags: tuple[str, ...] | list[str] | None = None, *,
-                  force: bool = False) -> list[str]:
-  """Adds XLA:CPU flags to XLA_FLAGS unless set already; returns the flags it added.
-
-  Args:
-    flags: the flags to apply (default `CPU_FLAGS`), as `--name=value`.
-    force: apply them even if a GPU/TPU may be used (default: only for CPU-only runs).
-  Does nothing, with a warning, once JAX's backends are initialised (they read XLA_FLAGS
-  once). A flag whose name the user already put in XLA_FLAGS keeps the user's value.
-  """
-  flags = CPU_FLAGS if flags is None else tuple(flags)
-  if not force and not cpu_only():
-    return []
-  current = os.environ.get('XLA_FLAGS', '')
-  present = {_flag_name(f) for f in current.split()}
-  added = [f for f in flags if _flag_name(f) not in present]
-  if not added:
-    return []
-  if _backends_running():
-    logging.warning('configure_cpu() called after JAX initialised its backends; %s not '
-                    'applied. Call it before the first JAX computation.', ' '.join(added))
-    return []
-  os.environ['XLA_FLAGS'] = ' '.join([*current.split(), *added])
-  return added
+def step_compiler_options(devices) -> dict[str, str] | None:
+  """Returns `CPU_STEP_OPTIONS` (those this jaxlib accepts) if all `devices` are CPUs,
+  else None (GPU and TPU programs compile with XLA's defaults)."""
+  devices = list(devices)
+  if not devices or any(d.platform != 'cpu' for d in devices):
+    return None
+  options = {k: v for k, v in CPU_STEP_OPTIONS.items() if _accepted(k, v)}
+  return options or None

@@ -15,7 +15,7 @@ ALLOWED = {
     'testing': set(),
     'distill': {'models', 'losses'},
     'detection': {'models', 'losses', 'data', 'convert', 'distill'},
-    'train': {'models', 'losses', 'distill', 'data', 'convert', 'detection'},
+    'train': {'models', 'losses', 'distill', 'data', 'convert', 'detection', 'platform'},
     'bench': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing', 'platform',
               'detection'},
     'benchmark': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing',

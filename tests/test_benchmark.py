@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-from reviewkd_jax import platform as platform_lib
 from reviewkd_jax.bench import input_pipeline
 from reviewkd_jax.bench import report as report_lib
 from tests.helpers import ROOT
@@ -31,6 +30,7 @@ def report(tmp_path_factory):
          '--config.reviewkd_warmup_epochs=0',  # lambda > 0 from step 0: HCL is in the loss
          '--steps=4', '--rounds=2', '--warmup=1', '--torch=eager',
          '--input_pipeline=cifar100', '--pipeline_batches=2', '--pipeline_batch_size=16',
+         '--parts=all', '--parts_per_round=1', '--conv',
          f'--json={out}']
   proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'},
                         capture_output=True, text=True, timeout=600)
@@ -110,30 +110,16 @@ def test_imagenet_jpeg_pipeline_delivers():
   assert 50_000 < r['jpeg_mean_bytes'] < 200_000  # near ImageNet's ~110 KB mean
 
 
-def test_configure_cpu_respects_user_flags_and_running_backends(monkeypatch):
-  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
-  # The user's value wins.
-  assert platform_lib.configure_cpu(['--xla_cpu_enable_fast_math=true']) == []
-  # JAX is running in this process: too late to change XLA_FLAGS, so nothing is added.
-  jax.devices()
-  assert platform_lib.configure_cpu(['--xla_cpu_prefer_vector_width=256']) == []
-  assert os.environ['XLA_FLAGS'] == '--xla_cpu_enable_fast_math=false'
-
-
-def test_configure_cpu_appends_before_jax_starts():
-  code = ('import os; from reviewkd_jax import platform; '
-          "print(platform.configure_cpu(['--xla_cpu_prefer_vector_width=256']), "
-          "os.environ['XLA_FLAGS'])")
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                        text=True, env={**os.environ, 'XLA_FLAGS': '--xla_cpu_ftz=true'},
-                        timeout=120)
-  assert proc.returncode == 0, proc.stderr
-  assert ("['--xla_cpu_prefer_vector_width=256'] --xla_cpu_ftz=true "
-          '--xla_cpu_prefer_vector_width=256') in proc.stdout
-
-
-def test_configure_cpu_leaves_accelerator_runs_alone(monkeypatch):
-  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
-  monkeypatch.setenv('XLA_FLAGS', '')
-  assert not platform_lib.cpu_only()
-  assert platform_lib.configure_cpu() == [] and os.environ['XLA_FLAGS'] == ''
+def test_cost_by_part_and_convolutions(report):
+  parts = report['parts']['parts']
+  assert list(parts) == ['student_step', 'teacher_forward', 'abf_hcl', 'optimizer',
+                         'full_step']
+  for name, row in parts.items():
+    assert row['jax_ms'] > 0 and row['torch_ms'] > 0, name
+    assert len(row['torch_over_jax_per_round']) == report['parts']['rounds']
+  assert len(report['conv']) == 5
+  for row in report['conv']:
+    # Both libraries computed the same convolution and gradients.
+    assert row['max_rel_diff'] < 1e-5, row
+    assert row['fwd_jax_ms'] > 0 and row['fwd_bwd_torch_ms'] > 0
+  assert 'PyTorch/JAX' in report['stdout'] and 'conv 3x3' in report['stdout']

@@ -77,7 +77,8 @@ def format_table(report: dict) -> str:
       f"{c['batch_size']}, {c['dtype']}, {c['dataset']}",
       f"{m['device_kind']} x{m['num_devices']} ({m['platform']}), {m['cpu_cores']} CPU cores, "
       f"load {_fmt(m['load_average'][0] if m['load_average'] else None, '.1f')}; "
-      f"jax {m['jax']}, XLA_FLAGS='{m['xla_flags']}'",
+      f"jax {m['jax']}, XLA_FLAGS='{m['xla_flags']}', step compiler options "
+      f"{m.get('step_compiler_options')}",
       '',
       f"{'step':<14}{'compile s':>10}{'median ms':>11}{'p10-p90 ms':>16}{'CPU ms':>9}"
       f"{'img/s':>9}{'peak MiB':>10}{'TFLOP/s':>9}{'MFU':>7}{'vs eager':>10}",
@@ -123,6 +124,9 @@ def format_table(report: dict) -> str:
       lines.append(f"{p['dataset']:<16}{p['local_batch']:>12}{p['host_batch_ms']:>10.1f}"
                    f"{p['images_per_s_per_host']:>12.0f}"
                    f"{_fmt(p.get('images_per_s_per_host_to_device'), '.0f'):>12}")
+  if report.get('parts') or report.get('conv'):
+    from reviewkd_jax.bench import parts as parts_lib  # pylint: disable=g-import-not-at-top
+    lines.append(parts_lib.format_parts(report.get('parts'), report.get('conv')))
   if report.get('targets'):
     lines.append('')
     for t in report['targets']:

@@ -30,10 +30,17 @@ def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def adaptive_avg_pool(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
-  """Returns PyTorch's `adaptive_avg_pool2d(x, size)` for NHWC `x`, as (N, size, size, C)."""
+  """Returns PyTorch's `adaptive_avg_pool2d(x, size)` for NHWC `x`, as (N, size, size, C).
+
+  Sizes that divide the map evenly average equal blocks (a reshape and a mean); others use
+  PyTorch's uneven, overlapping bins as averaging matrices.
+  """
   oh, ow = (size, size) if isinstance(size, int) else size
-  ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], oh))
-  pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], ow))
+  n, h, w, c = x.shape
+  if h % oh == 0 and w % ow == 0:
+    return jnp.mean(x.reshape(n, oh, h // oh, ow, w // ow, c), axis=(2, 4))
+  ph = jnp.asarray(adaptive_pool_matrix(h, oh))
+  pw = jnp.asarray(adaptive_pool_matrix(w, ow))
   return jnp.einsum('ih,jw,nhwc->nijc', ph, pw, x, precision=jax.lax.Precision.HIGHEST)
 
 

@@ -51,7 +51,7 @@ class ResidualBlock(nn.Module):
                              name=f'{self.shortcut_name}_0', dtype=self.dtype)(x)
       identity = layers.batch_norm(train, name=f'{self.shortcut_name}_1',
                                    dtype=self.dtype)(identity)
-    return out + identity
+    return layers.block_output(out + identity)
 
 
 class CifarResNet(nn.Module):

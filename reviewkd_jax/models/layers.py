@@ -126,6 +126,21 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
 
 
+def block_output(x: jax.Array) -> jax.Array:
+  """Returns `x`, marked as a residual block's output for XLA:CPU's fusion pass.
+
+  On the CPU backend this is `jax.lax.optimization_barrier(x)`: in a program compiled with
+  XLA's `cse_barrier_expander` pass disabled (the classification train step on CPU, see
+  `reviewkd_jax.platform.CPU_STEP_OPTIONS`), it stops the fusion pass from re-computing the
+  chain of BatchNorm/add/ReLU producers of every block inside the transposing copies that
+  feed the weight-gradient convolutions. Elsewhere XLA deletes the barrier before
+  optimising, and on GPU/TPU nothing is added: the value and its gradient never change.
+  """
+  if jax.default_backend() == 'cpu':
+    return jax.lax.optimization_barrier(x)
+  return x
+
+
 class ModelOutput(NamedTuple):
   """What every backbone returns: `logits` (N, classes) and `features` (see `models`)."""
   logits: jax.Array

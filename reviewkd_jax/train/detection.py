@@ -40,7 +40,7 @@ from reviewkd_jax.detection import weights as weights_lib
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
 from reviewkd_jax.train import state as state_lib
-from reviewkd_jax.train.trainer import SetupError, _StopSignal, flat_hparams, run_in_workdir
+from reviewkd_jax.train.trainer import SetupError, StopSignal, flat_hparams, run_in_workdir
 
 # What the detector reads of a batch (the rest stays on the host, for evaluation).
 _TRAIN_KEYS = ('image', 'image_size', 'boxes', 'labels', 'gt_valid', 'masks')
@@ -450,7 +450,7 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
   batches = data_lib.to_global_arrays(
       ({k: b[k] for k in keys} for b in pipeline.train_batches(step)), split,
       prefetch=config.prefetch_batches)
-  with _StopSignal() as stop_signal:
+  with StopSignal() as stop_signal:
     while step < stop_at:
       state, metrics = train_step(state, next(batches), setup.teacher_variables)
       step += 1

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from reviewkd_jax import distill
 from reviewkd_jax import losses
+from reviewkd_jax import platform
 from reviewkd_jax.data import DatasetSpec, InputPipeline, to_global_arrays
 from reviewkd_jax.models import ModelOutput
 from reviewkd_jax.train import schedules
@@ -108,7 +109,8 @@ def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
 
   rep = replicated(mesh)
   return jax.jit(train_step, in_shardings=(rep, batch_sharded(mesh), rep),
-                 out_shardings=(rep, rep), donate_argnums=(0,))
+                 out_shardings=(rep, rep), donate_argnums=(0,),
+                 compiler_options=platform.step_compiler_options(mesh.devices.flat))
 
 
 def make_eval_step(module: nn.Module, spec: DatasetSpec, mesh: Mesh):

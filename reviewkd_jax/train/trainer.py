@@ -58,7 +58,7 @@ class _Progress:
   evals: list[dict] = dataclasses.field(default_factory=list)  # every one of this call
 
 
-class _StopSignal:
+class StopSignal:
   """Turns SIGTERM (a single-host preemption notice) into a flag checked between steps."""
 
   def __init__(self):
@@ -250,7 +250,7 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
   # The loop: whole epochs from the data pipeline, resumed mid-epoch where needed.
   stop_at = min(total_steps, config.stop_after_step or total_steps)
   batch_sharding = state_lib.batch_sharded(mesh)
-  with _StopSignal() as stop_signal:
+  with StopSignal() as stop_signal:
     while step < stop_at:
       epoch, offset = divmod(step, steps_per_epoch)
       count = min(steps_per_epoch, stop_at - epoch * steps_per_epoch) - offset
