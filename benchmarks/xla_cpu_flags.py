@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-EIGEN = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+EIGEN = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}  # platform.EIGEN_CONVS
 KEEP_BARRIERS = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 SHIPPED = dict(KEEP_BARRIERS)
 NEW_CODE, OLD_CODE = (), ('gather_resize', 'matrix_pool')

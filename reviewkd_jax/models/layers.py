@@ -129,7 +129,8 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 def block_output(x: jax.Array) -> jax.Array:
   """Returns `x`, marked as a residual block's output for XLA:CPU's fusion pass.
 
-  On the CPU backend this is `jax.lax.optimization_barrier(x)`: in a program compiled with
+  Used by the CIFAR ResNets' blocks (`cifar_resnet.ResidualBlock.fusion_barrier`). On the
+  CPU backend this is `jax.lax.optimization_barrier(x)`: in a program compiled with
   XLA's `cse_barrier_expander` pass disabled (the classification train step on CPU, see
   `reviewkd_jax.platform.CPU_STEP_OPTIONS`), it stops the fusion pass from re-computing the
   chain of BatchNorm/add/ReLU producers of every block inside the transposing copies that
