@@ -47,7 +47,7 @@ def _step(config, options):
 
 
 def test_step_keeps_block_barriers_and_computes_the_same():
-  config = tiny_config(method='reviewkd', teacher='resnet14', reviewkd_warmup_epochs=0,
+  config = tiny_config(method='reviewkd', teacher='resnet8', reviewkd_warmup_epochs=0,
                        batch_size=8)
   batch = jax_step.synthetic_batch(data.get_spec('cifar100'), 8)
   results = {}
@@ -61,7 +61,7 @@ def test_step_keeps_block_barriers_and_computes_the_same():
     initial = jax.device_get(state.params)
     state, metrics = train_step(state, b, teacher)
     results[name] = (jax.device_get(metrics), jax.device_get(state.params))
-  assert results['shipped_barriers'] >= 3 + 3  # resnet8 + resnet14 blocks at least
+  assert results['shipped_barriers'] >= 3 + 3  # resnet8's 3 blocks in student and teacher
   assert results['xla_defaults_barriers'] == 0
   (m1, p1), (m2, p2) = results['shipped'], results['xla_defaults']
   del initial
