@@ -17,6 +17,7 @@ CPU-sized detector; the paper's detectors use 256/1024/256 (configs/coco_*.py).
 import ml_collections
 
 from configs import detection_default
+from configs import suites
 
 
 def scenes_run(**fields) -> ml_collections.ConfigDict:
@@ -71,12 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
     runs[f'student_{seed}'] = scenes_run(seed=seed)
     runs[f'reviewkd_{seed}'] = scenes_run(seed=seed, method='reviewkd', reviewkd_weight=1.0,
                                            **teacher_input)
-  config = ml_collections.ConfigDict()
-  config.runs = ml_collections.ConfigDict(runs)
-  config.run_order = tuple(runs)
-  config.groups = ml_collections.ConfigDict({
-      'student alone': tuple(f'student_{s}' for s in SEEDS),
-      'student + ReviewKD': tuple(f'reviewkd_{s}' for s in SEEDS)})
-  config.compare = ('student + ReviewKD', 'student alone')
-  config.teacher_note = 'trained on all 1024 training scenes; the students on 128 of them'
-  return config
+  return suites.reviewkd_vs_alone(
+      runs, SEEDS,
+      teacher_note='trained on all 1024 training scenes; the students on 128 of them')

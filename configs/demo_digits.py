@@ -17,6 +17,7 @@ Batches of 25 fit one device: on a machine with several accelerators, show it on
 import ml_collections
 
 from configs import default
+from configs import suites
 
 
 def _digits_run(**fields) -> ml_collections.ConfigDict:
@@ -52,13 +53,5 @@ def get_config() -> ml_collections.ConfigDict:
         # Eval-mode BN: statistics of batches of 25 are too noisy for the teacher (the
         # authors' CIFAR batch-statistics teacher sees batches of 128).
         teacher_bn_mode='eval', reviewkd_weight=1.0, reviewkd_warmup_epochs=4)
-  config = ml_collections.ConfigDict()
-  config.runs = ml_collections.ConfigDict(runs)
-  config.run_order = tuple(runs)
-  # What the summary compares: the mean over seeds of each group's final top-1.
-  config.groups = ml_collections.ConfigDict({
-      'student alone': tuple(f'student_{s}' for s in SEEDS),
-      'student + ReviewKD': tuple(f'reviewkd_{s}' for s in SEEDS)})
-  config.compare = ('student + ReviewKD', 'student alone')
-  config.teacher_note = 'trained on all 1347 training digits; the students on 100 of them'
-  return config
+  return suites.reviewkd_vs_alone(
+      runs, SEEDS, teacher_note='trained on all 1347 training digits; the students on 100 of them')

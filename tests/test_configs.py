@@ -21,7 +21,7 @@ from tests.helpers import ROOT
 DETECTION_FILES = ('coco_detector', 'coco_distill', 'detection_default',
                    'digit_scenes_detector', 'demo_digit_scenes')
 CONFIG_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
-                      if p.stem not in ('__init__', 'args', 'pairs', *DETECTION_FILES))
+                      if p.stem not in ('__init__', 'args', 'pairs', 'suites', *DETECTION_FILES))
 PARAMETERISED = ('cifar100_baseline', 'imagenet_baseline', 'cifar100_table1',
                  'cifar100_ablation_stages', 'cifar100_ablation_components')
 
