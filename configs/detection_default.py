@@ -4,8 +4,8 @@ Each detection config file overrides a few fields; every field can be overridden
 command line (`--config.max_steps=1000`). See docs/detection.md.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from reviewkd_jax.detection import model as model_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,10 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.backbone = 'resnet50'         # resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v2
   config.mask = False                  # Mask R-CNN (True) or Faster R-CNN
   config.convention = 'detectron2'     # 'detectron2' | 'torchvision' (RoIAlign, anchors, losses)
-  config.stride_in_1x1 = False         # True for MSRA ResNets (Detectron2's R-50/R-101 weights)
-  config.input_format = 'RGB'          # the channel order the weights expect
-  config.pixel_mean = model_lib.IMAGENET_RGB_MEAN  # in the weights' order, 0..255 units
-  config.pixel_std = model_lib.IMAGENET_RGB_STD
+  # The input convention of the weights; unset (None): the one `config.weights` implies
+  # (Detectron2 model-zoo R50/R101: BGR, MSRA mean, std 1, stride_in_1x1; torchvision and
+  # ImageNet files: RGB, ImageNet mean/std), torchvision's without weights.
+  config.stride_in_1x1 = placeholder(bool)   # True for MSRA ResNets
+  config.input_format = placeholder(str)     # 'RGB' | 'BGR': the channel order
+  config.pixel_mean = placeholder(tuple)     # in the weights' channel order, 0..255 units
+  config.pixel_std = placeholder(tuple)
   config.freeze_at = 2                 # stem + res2 frozen (Detectron2's FREEZE_AT)
   config.fpn_channels = 256            # widths; smaller only for toy-scale CPU runs
   config.box_head_dim = 1024
@@ -46,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.rpn_pre_nms_topk = (2000, 1000)   # (train, test), per level
   config.rpn_post_nms_topk = (1000, 1000)  # (train, test), per image
   config.roi_batch_size_per_image = 512
-  config.roi_sampling_ratio = 2        # RoIAlign samples per bin side (static; docs/detection.md)
+  config.roi_sampling_ratio = 2        # RoIAlign samples per bin side; 0: Detectron2's adaptive
+  config.roi_max_sampling_ratio = 4    # the adaptive count's static cap (docs/detection.md)
   config.weights = ''                  # initial weights: a Detectron2 .pkl, a torchvision
                                        # detection or ImageNet .pth; '' = random
   config.weights_source = 'auto'       # 'auto' | 'detectron2' | 'torchvision' | 'imagenet'
@@ -56,10 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher_backbone = ''         # e.g. 'resnet101'
   config.teacher_weights = ''          # Detectron2 .pkl, torchvision .pth, or a run's final/
   config.teacher_weights_source = 'auto'
-  config.teacher_stride_in_1x1 = True  # Detectron2 model-zoo teachers: MSRA ResNets,
-  config.teacher_input_format = 'BGR'  # BGR input, pixel std 1
-  config.teacher_pixel_mean = model_lib.MSRA_BGR_MEAN
-  config.teacher_pixel_std = (1.0, 1.0, 1.0)
+  # The teacher's input convention; unset: the one its weights imply (a run folder: the
+  # convention its config.json recorded).
+  config.teacher_stride_in_1x1 = placeholder(bool)
+  config.teacher_input_format = placeholder(str)
+  config.teacher_pixel_mean = placeholder(tuple)
+  config.teacher_pixel_std = placeholder(tuple)
   config.reviewkd_weight = 1.0         # lambda; no warm-up in detection
   config.kd_weight = 20.0              # the supplementary's weights
   config.kd_temperature = 1.0

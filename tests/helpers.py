@@ -25,3 +25,24 @@ def tiny_config(**fields):
                 log_every_steps=1, keep_checkpoints=2, prefetch_batches=1)
   config.update(fields)
   return config
+
+
+def draw_variables(template, seed: int = 0) -> dict:
+  """Returns variables shaped like `template` (e.g. `model.abstract_variables(module)`), drawn
+  with numpy, so a test needs no compiled `init`: kernels at He scale (prediction layers,
+  module paths with 'rpn' or 'predictor', at 0.01 as Detectron2 initialises them), biases and
+  BatchNorm shifts ~N(0, 0.1), scales and variances in [0.75, 1.25]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path)
+    if len(x.shape) > 1:
+      std = 0.01 if ('rpn' in name or 'predictor' in name) else np.sqrt(
+          2.0 / np.prod(x.shape[:-1]))
+      return rng.normal(0, std, x.shape).astype(np.float32)
+    if 'var' in name or 'scale' in name:
+      return rng.uniform(0.75, 1.25, x.shape).astype(np.float32)
+    return rng.normal(0, 0.1, x.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, template)

@@ -229,6 +229,35 @@ def test_fixed_ratio_two_equals_adaptive_where_adaptive_picks_two():
   np.testing.assert_allclose(np.asarray(fixed), np.asarray(adaptive), atol=1e-5)
 
 
+def test_adaptive_pooler_is_detectron2s_adaptive_count():
+  """sampling_ratio=0: every RoI gets ceil(side / 7) samples per bin side (the exact
+  `roi_align_maps` above is the reference), up to the static cap; past the cap, only the
+  RoIs that need more samples change."""
+  rng = np.random.default_rng(6)
+  feats = _pyramid(rng, n=2, c=1)
+  boxes = np.concatenate([_random_boxes(rng, 24, IMAGE[::-1], 8, 60),
+                          _random_boxes(rng, 16, IMAGE[::-1], 60, 150)])
+  index = (np.arange(len(boxes)) % 2).astype(np.int32)
+  level = np.asarray(ra.assign_levels(jnp.asarray(boxes)))
+  side = (boxes[:, 2:] - boxes[:, :2]) * 2.0 ** -level[:, None]
+  need = np.ceil(side / 7).max(1)
+  assert need.max() >= 3 and need.min() == 1   # the boxes span several adaptive counts
+  want = np.zeros((len(boxes), 7, 7), np.float32)
+  for lvl in np.unique(level):
+    sel = np.nonzero(level == lvl)[0]
+    want[sel] = np.asarray(_jit(ra.roi_align_maps, feats[lvl - 2][..., 0], boxes[sel],
+                                index[sel], output_size=7, spatial_scale=2.0 ** -lvl,
+                                sampling_ratio=0, aligned=True))
+  cap = int(need.max())
+  got = _jit(ra.multiscale_roi_align, feats, boxes, index, output_size=7, sampling_ratio=0,
+             max_sampling_ratio=cap)[..., 0]
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  capped = np.asarray(_jit(ra.multiscale_roi_align, feats, boxes, index, output_size=7,
+                           sampling_ratio=0, max_sampling_ratio=2)[..., 0])
+  np.testing.assert_allclose(capped[need <= 2], want[need <= 2], atol=1e-5)
+  assert np.abs(capped[need > 2] - want[need > 2]).max() > 1e-3
+
+
 # ------------------------------------------------------------------------- the heads
 
 

@@ -299,6 +299,46 @@ def test_detectron2_model_zoo_pkl_r101(tmp_path, mask):
         sd['roi_heads.mask_head.deconv.weight'].transpose(2, 3, 1, 0))
 
 
+def test_detectron2_file_carries_its_input_convention(tmp_path):
+  """A model-zoo file implies MSRA's input rules: they are reported, checked against a
+  config, and filled into a run config that leaves them unset."""
+  from configs import detection_default  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.detection import model as model_lib  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.train import detection as det_train  # pylint: disable=g-import-not-at-top
+  path = _write_pkl(tmp_path / 'model_final.pkl', detectron2_state_dict(101, 80))
+  template = detector_template('resnet101', 80, mask=False, stride_in_1x1=True)
+  loaded = W.load_detector_weights(path, template)
+  assert loaded.convention == model_lib.MSRA_INPUT
+  assert 'Input convention of these weights: BGR' in str(loaded.report)
+  plain = model_lib.DetectorConfig(backbone='resnet101', num_classes=80)
+  with pytest.raises(W.InputConventionError, match=r"stride_in_1x1=False \(the weights: True\)"):
+    W.load_detector_weights(path, template, config=plain)
+  # Overriding a field of the model-zoo preset is a plain override, not a TypeError.
+  msra = model_lib.DetectorConfig.detectron2_msra(80, stride_in_1x1=True, mask=False)
+  assert plain.with_input_convention(loaded.convention) == msra
+  W.load_detector_weights(path, template, config=msra)
+  with pytest.raises(W.InputConventionError, match='input_format'):
+    W.load_detector_weights(path, template, config=model_lib.DetectorConfig.detectron2_msra(
+        80, input_format='RGB'))
+  # The run config: unset fields come from the file (student and teacher alike); set fields
+  # are kept; torchvision's and ImageNet files imply torchvision's rules.
+  config = detection_default.get_config()
+  config.update(weights=str(path), method='reviewkd', teacher_weights=str(path),
+                teacher_backbone='resnet101')
+  config.input_format = 'BGR'
+  resolved = det_train.resolve_input_conventions(config)
+  for pre in ('', 'teacher_'):
+    assert resolved[pre + 'stride_in_1x1'] is True
+    assert tuple(resolved[pre + 'pixel_mean']) == model_lib.MSRA_BGR_MEAN
+    assert tuple(resolved[pre + 'pixel_std']) == (1.0, 1.0, 1.0)
+    assert resolved[pre + 'input_format'] == 'BGR'
+  assert det_train.detector_config(resolved, 80).input_convention == model_lib.MSRA_INPUT
+  assert W.implied_convention({'conv1.weight': 0}, 'imagenet') == model_lib.TORCHVISION_INPUT
+  assert W.implied_convention({'teacher.x': 0}, 'detectron2', part='student') is None
+  unset = detection_default.get_config()
+  assert det_train.resolve_input_conventions(unset).input_format == 'RGB'   # no weights
+
+
 def test_reviewkd_release_checkpoints_split_teacher_and_student():
   """The authors' files: teacher under 'teacher.', the student's ImageNet body under the
   Detectron2 names (their MobileNetV2 in the tonylins layout)."""

@@ -4,7 +4,8 @@
 `box_head`, `box_predictor`[, `mask_head`] (`detection/weights.py` converts torchvision and
 Detectron2 weights into it). Its methods, for `module.apply(variables, ..., method=...)`:
 
-- `features(images)`: the FPN levels {'p2'..'p6'} of raw images (normalised inside);
+- `features(images, image_sizes)`: the FPN levels {'p2'..'p6'} of raw images (normalised
+  inside, the padding set to 0 after normalising);
 - `losses(batch, key)`: the training losses of a batch (dict; Detectron2's names), drawing the
   RPN's and the RoI heads' samples from `key`;
 - `predict(images, image_sizes)`: `roi_heads.Detections` (boxes in the resized image's pixels,
@@ -13,14 +14,17 @@ Detectron2 weights into it). Its methods, for `module.apply(variables, ..., meth
 Input convention: images are (B, H, W, 3) float32 RGB in 0..255, padded at the bottom/right
 (`detection/data.py`). The model turns them into what its weights expect: `input_format`
 'BGR' reverses the channels first (Detectron2's MSRA models), then `(x - pixel_mean) /
-pixel_std`, both given in the weights' channel order. Detectron2 model-zoo R50/R101 detectors:
+pixel_std`, both given in the weights' channel order; the padding outside each image's true
+size (`image_sizes`) is then 0, as Detectron2's `ImageList.from_tensors` and torchvision's
+`GeneralizedRCNNTransform` pad the normalised images, so no raw pixel value of the padding
+reaches the network and a feature inside the image does not depend on the canvas' colour. Detectron2 model-zoo R50/R101 detectors:
 BGR, mean (103.53, 116.28, 123.675), std 1, `stride_in_1x1=True`; torchvision-initialised
 students (R18, MobileNetV2) and torchvision's detectors: RGB, ImageNet mean and std (in 0..255).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -35,6 +39,24 @@ IMAGENET_RGB_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_RGB_STD = (58.395, 57.12, 57.375)
 MSRA_BGR_MEAN = (103.53, 116.28, 123.675)
 LEVELS = ('p2', 'p3', 'p4', 'p5', 'p6')
+
+
+class InputConvention(NamedTuple):
+  """What a detector's weights expect of their input, beside the architecture."""
+  stride_in_1x1: bool
+  input_format: str
+  pixel_mean: tuple[float, float, float]
+  pixel_std: tuple[float, float, float]
+
+  def describe(self) -> str:
+    return (f'{self.input_format}, pixel_mean={self.pixel_mean}, pixel_std={self.pixel_std}, '
+            f'stride_in_1x1={self.stride_in_1x1}')
+
+
+# Detectron2's model-zoo R50/R101 detectors (MSRA ResNets); torchvision's detectors and every
+# torchvision-initialised body.
+MSRA_INPUT = InputConvention(True, 'BGR', MSRA_BGR_MEAN, (1.0, 1.0, 1.0))
+TORCHVISION_INPUT = InputConvention(False, 'RGB', IMAGENET_RGB_MEAN, IMAGENET_RGB_STD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +117,23 @@ class DetectorConfig:
   @classmethod
   def detectron2_msra(cls, num_classes: int = 80, *, mask: bool = False,
                       backbone: str = 'resnet101', **overrides) -> 'DetectorConfig':
-    """Returns a Detectron2 model-zoo detector's settings (MSRA ResNet, BGR, std 1)."""
-    return cls(backbone=backbone, num_classes=num_classes, mask=mask, stride_in_1x1=True,
-               input_format='BGR', pixel_mean=MSRA_BGR_MEAN, pixel_std=(1.0, 1.0, 1.0),
-               **overrides)
+    """Returns a Detectron2 model-zoo detector's settings (MSRA ResNet, BGR, std 1).
+
+    `overrides` may replace any field, the input convention's included.
+    """
+    fields = dict(MSRA_INPUT._asdict(), backbone=backbone, num_classes=num_classes, mask=mask)
+    fields.update(overrides)
+    return cls(**fields)
+
+  @property
+  def input_convention(self) -> 'InputConvention':
+    """The input rules the weights were trained with (stride rule, channel order, mean, std)."""
+    return InputConvention(self.stride_in_1x1, self.input_format, tuple(self.pixel_mean),
+                           tuple(self.pixel_std))
+
+  def with_input_convention(self, convention: 'InputConvention') -> 'DetectorConfig':
+    """Returns this config with `convention`'s four fields (e.g. `LoadedWeights.convention`)."""
+    return dataclasses.replace(self, **convention._asdict())
 
 
 class RCNN(nn.Module):
@@ -118,19 +153,30 @@ class RCNN(nn.Module):
       self.mask_head = roi_heads.MaskHead(c.num_classes, conv_dims=c.mask_head_dim,
                                           dtype=self.dtype)
 
-  def normalize(self, images: jax.Array) -> jax.Array:
-    """Returns raw RGB 0..255 images in the weights' channel order, mean and std."""
+  def normalize(self, images: jax.Array, image_sizes: jax.Array | None = None) -> jax.Array:
+    """Returns raw RGB 0..255 images in the weights' channel order, mean and std.
+
+    With `image_sizes` (B, 2), every pixel outside image i's top-left (h, w) is 0 after
+    normalising (the libraries' padding); without, the whole canvas is the image.
+    """
     c = self.config
     x = images.astype(jnp.float32)
     if c.input_format == 'BGR':
       x = x[..., ::-1]
     x = (x - jnp.asarray(c.pixel_mean, jnp.float32)) / jnp.asarray(c.pixel_std, jnp.float32)
+    if image_sizes is not None:
+      sizes = jnp.asarray(image_sizes, jnp.int32)
+      rows = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :, None] < sizes[:, 0, None, None]
+      cols = jnp.arange(x.shape[2], dtype=jnp.int32)[None, None, :] < sizes[:, 1, None, None]
+      x = jnp.where((rows & cols)[..., None], x, 0.0)
     return x.astype(self.dtype)
 
-  def features(self, images: jax.Array) -> dict[str, jax.Array]:
+  def features(self, images: jax.Array,
+               image_sizes: jax.Array | None = None) -> dict[str, jax.Array]:
     """Returns the FPN levels {'p2', ..., 'p6'} and the body's stages {'c2', ..., 'c5'}
-    (NHWC) of raw RGB 0..255 images."""
-    return self.backbone(self.normalize(images))
+    (NHWC) of raw RGB 0..255 images, padded with 0 after normalising beyond `image_sizes`
+    (B, 2) (the batch's 'image_size'; omitted, the whole canvas is the image)."""
+    return self.backbone(self.normalize(images, image_sizes))
 
   def _rpn(self, feats: Mapping[str, jax.Array], image_shape):
     levels = [feats[name] for name in LEVELS]
@@ -151,7 +197,7 @@ class RCNN(nn.Module):
     """
     c = self.config
     if feats is None:
-      feats = self.features(batch['image'])
+      feats = self.features(batch['image'], batch['image_size'])
     levels, anchors, objectness, deltas = self._rpn(feats, batch['image'].shape[1:3])
     rpn_key, roi_key = jax.random.split(key)
     gt_boxes = batch['boxes'].astype(jnp.float32)
@@ -170,7 +216,8 @@ class RCNN(nn.Module):
     roi_losses, samples = roi_heads.roi_losses(
         c.roi, self.box_head, box_predictor, self.mask_head if c.mask else None,
         levels[:4], proposals.boxes, proposals.valid, gt_boxes, batch['labels'], gt_valid,
-        gt_masks=batch.get('masks') if c.mask else None, key=roi_key)
+        gt_masks=batch.get('masks') if c.mask else None, key=roi_key,
+        image_sizes=batch['image_size'])
     losses.update(roi_losses)
     if return_aux:
       return losses, {'samples': samples, 'class_logits': logits_seen[0]}
@@ -187,7 +234,7 @@ class RCNN(nn.Module):
   def predict(self, images: jax.Array, image_sizes: jax.Array) -> roi_heads.Detections:
     """Returns the detections of raw RGB images (B, H, W, 3) with true sizes (B, 2)."""
     c = self.config
-    feats = self.features(images)
+    feats = self.features(images, image_sizes)
     levels, anchors, objectness, deltas = self._rpn(feats, images.shape[1:3])
     proposals = rpn_lib.propose(c.rpn, anchors, objectness, deltas, image_sizes,
                                 training=False)

@@ -124,36 +124,56 @@ def _axis_weights(coord: jax.Array, size: jax.Array):
 
 def _roi_align_flat(flat: jax.Array, boxes: jax.Array, base: jax.Array, height: jax.Array,
                     width: jax.Array, spatial_scale: jax.Array, output_size: tuple[int, int],
-                    sampling_ratio: int, aligned: bool) -> jax.Array:
-  """RoIAlign from `flat` (T, C): RoI r reads the (height[r], width[r]) map at row base[r]."""
-  if sampling_ratio < 1:
-    raise ValueError(f'sampling_ratio must be a fixed integer >= 1, got {sampling_ratio} '
-                     '(adaptive sampling has no static shape; see the module docstring).')
+                    sampling_ratio: int, aligned: bool, max_sampling_ratio: int = 4
+                    ) -> jax.Array:
+  """RoIAlign from `flat` (T, C): RoI r reads the (height[r], width[r]) map at row base[r].
+
+  `sampling_ratio` 0 is Detectron2's adaptive count, ceil(roi side / bins) samples per bin
+  side, capped at `max_sampling_ratio` (the static loop bound; samples past a RoI's own count
+  weigh 0), so it costs `max_sampling_ratio**2` gathers whatever the RoIs.
+  """
+  if sampling_ratio < 0 or (sampling_ratio == 0 and max_sampling_ratio < 1):
+    raise ValueError(f'sampling_ratio must be an integer >= 1, or 0 (adaptive, capped at '
+                     f'max_sampling_ratio >= 1), got {sampling_ratio} / {max_sampling_ratio}')
   out_h, out_w = output_size
   boxes = boxes.astype(jnp.float32)
   x1, y1, roi_w, roi_h = _roi_frame(boxes, spatial_scale, aligned)
   height = height.astype(jnp.int32)
   width = width.astype(jnp.int32)
+  adaptive = sampling_ratio == 0
+  if not adaptive:   # a Python constant: the program is the fixed-ratio one
+    loops = grid_h = grid_w = sampling_ratio
+  else:
+    loops = max_sampling_ratio
+    grid_h = jnp.clip(jnp.ceil(_divide(roi_h, out_h)), 1, loops)
+    grid_w = jnp.clip(jnp.ceil(_divide(roi_w, out_w)), 1, loops)
   acc = jnp.zeros((boxes.shape[0], out_h, out_w, flat.shape[-1]), jnp.float32)
-  for iy in range(sampling_ratio):
-    ys = _sample_coords(y1, roi_h, out_h, sampling_ratio, iy)            # (R, out_h)
+  for iy in range(loops):
+    ys = _sample_coords(y1, roi_h, out_h, grid_h, iy)                    # (R, out_h)
     y_lo, y_hi, wy_lo, wy_hi = _axis_weights(ys, height[:, None])
-    for ix in range(sampling_ratio):
-      xs = _sample_coords(x1, roi_w, out_w, sampling_ratio, ix)          # (R, out_w)
+    use_y = (iy < grid_h).astype(jnp.float32)[:, None] if adaptive else None
+    for ix in range(loops):
+      xs = _sample_coords(x1, roi_w, out_w, grid_w, ix)                  # (R, out_w)
       x_lo, x_hi, wx_lo, wx_hi = _axis_weights(xs, width[:, None])
+      use_x = (ix < grid_w).astype(jnp.float32)[:, None] if adaptive else None
       rows = jnp.stack([y_lo, y_lo, y_hi, y_hi], -1)[:, :, None, :]      # (R, out_h, 1, 4)
       cols = jnp.stack([x_lo, x_hi, x_lo, x_hi], -1)[:, None, :, :]      # (R, 1, out_w, 4)
-      wy = jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi], -1)[:, :, None, :]
-      wx = jnp.stack([wx_lo, wx_hi, wx_lo, wx_hi], -1)[:, None, :, :]
+      wy = jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi], -1)
+      wx = jnp.stack([wx_lo, wx_hi, wx_lo, wx_hi], -1)
+      if adaptive:
+        wy, wx = wy * use_y[..., None], wx * use_x[..., None]
+      wy, wx = wy[:, :, None, :], wx[:, None, :, :]
       index = base[:, None, None, None] + rows * width[:, None, None, None] + cols
       values = flat[index]                                               # (R, oh, ow, 4, C)
       acc = acc + jnp.einsum('rhwk,rhwkc->rhwc', wy * wx, values.astype(jnp.float32))
-  return (acc / float(sampling_ratio * sampling_ratio)).astype(flat.dtype)
+  if not adaptive:
+    return (acc / float(sampling_ratio * sampling_ratio)).astype(flat.dtype)
+  return (acc / (grid_h * grid_w)[:, None, None, None]).astype(flat.dtype)
 
 
 def roi_align(features: jax.Array, boxes: jax.Array, batch_index: jax.Array,
               output_size, spatial_scale: float = 1.0, sampling_ratio: int = 2,
-              aligned: bool = True) -> jax.Array:
+              aligned: bool = True, max_sampling_ratio: int = 4) -> jax.Array:
   """Returns the (R, out_h, out_w, C) RoIAlign of NHWC `features` (torchvision's `roi_align`).
 
   Args:
@@ -162,7 +182,8 @@ def roi_align(features: jax.Array, boxes: jax.Array, batch_index: jax.Array,
     batch_index: (R,) which image of `features` each box is on.
     output_size: int or (out_h, out_w).
     spatial_scale: feature pixels per image pixel (1 / stride).
-    sampling_ratio: samples per bin along each axis, a fixed int >= 1.
+    sampling_ratio: samples per bin along each axis, a fixed int >= 1, or 0: adaptive
+      (ceil(roi side / bins)), capped at `max_sampling_ratio`.
     aligned: Detectron2's ROIAlignV2 half-pixel shift (True) or the legacy rule (False).
   """
   n, h, w, c = features.shape
@@ -171,7 +192,7 @@ def roi_align(features: jax.Array, boxes: jax.Array, batch_index: jax.Array,
   base = batch_index.astype(jnp.int32) * (h * w)
   return _roi_align_flat(flat, boxes, base, jnp.full((r,), h, jnp.int32),
                          jnp.full((r,), w, jnp.int32), jnp.full((r,), spatial_scale, jnp.float32),
-                         _pair(output_size), sampling_ratio, aligned)
+                         _pair(output_size), sampling_ratio, aligned, max_sampling_ratio)
 
 
 def assign_levels(boxes: jax.Array, *, min_level: int = 2, max_level: int = 5,
@@ -195,6 +216,7 @@ def assign_levels(boxes: jax.Array, *, min_level: int = 2, max_level: int = 5,
 
 def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array, batch_index: jax.Array,
                          output_size, *, min_level: int = 2, sampling_ratio: int = 2,
+                         max_sampling_ratio: int = 4,
                          aligned: bool = True, level_rule: str = 'detectron2',
                          canonical_box_size: float = 224.0,
                          canonical_level: int = 4) -> jax.Array:
@@ -223,23 +245,28 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array, batch_
   scale = jnp.asarray([2.0 ** -(min_level + i) for i in range(len(levels))], jnp.float32)[k]
   base = jnp.asarray(offsets[:-1], jnp.int32)[k] + batch_index.astype(jnp.int32) * height * width
   return _roi_align_flat(flat, boxes, base, height, width, scale, _pair(output_size),
-                         sampling_ratio, aligned)
+                         sampling_ratio, aligned, max_sampling_ratio)
 
 
 def interpolation_matrix(start: jax.Array, length: jax.Array, size: int, bins: int,
-                         grid: jax.Array, max_grid: int) -> jax.Array:
+                         grid: jax.Array, max_grid: int,
+                         limit: jax.Array | None = None) -> jax.Array:
   """Returns (R, bins, size): RoIAlign along one axis as a matrix (weights / samples per bin).
 
   `grid` (R,) is the number of samples per bin of each RoI (<= `max_grid`, the static loop
-  bound); RoIAlign of a (size,) signal is then `matrix @ signal`.
+  bound); RoIAlign of a (size,) signal is then `matrix @ signal`. `limit` (R,) is each RoI's
+  true signal length (<= size; default size): samples are zeroed and clamped against it, as
+  if the signal ended there (the padding after it is never read).
   """
   r = start.shape[0]
+  limit = (jnp.full((r,), size, jnp.int32) if limit is None
+           else jnp.minimum(jnp.asarray(limit, jnp.int32), size))
   grid = grid.astype(jnp.int32)
   inv = 1.0 / jnp.maximum(grid, 1).astype(jnp.float32)
   index = jnp.arange(max_grid, dtype=jnp.float32)
   coords = jax.vmap(lambda i: _sample_coords(start, length, bins, grid.astype(jnp.float32), i),
                     out_axes=-1)(index)                                # (R, bins, max_grid)
-  lo, hi, w_lo, w_hi = _axis_weights(coords, jnp.full((r, 1, 1), size, jnp.int32))
+  lo, hi, w_lo, w_hi = _axis_weights(coords, limit[:, None, None])
   use = (index[None, :] < grid[:, None]) * inv[:, None]               # (R, max_grid)
   rows = jnp.broadcast_to(jnp.arange(r)[:, None, None, None], (r, bins, max_grid, 2))
   cols = jnp.broadcast_to(jnp.arange(bins)[None, :, None, None], (r, bins, max_grid, 2))
@@ -250,8 +277,12 @@ def interpolation_matrix(start: jax.Array, length: jax.Array, size: int, bins: i
 
 def roi_align_maps(maps: jax.Array, boxes: jax.Array, map_index: jax.Array, output_size, *,
                    spatial_scale: float = 1.0, sampling_ratio: int = 0, aligned: bool = True,
-                   max_sampling_ratio: int | None = None, chunk: int = 16) -> jax.Array:
+                   max_sampling_ratio: int | None = None, chunk: int = 16,
+                   map_sizes: jax.Array | None = None) -> jax.Array:
   """Returns the (R, out_h, out_w) RoIAlign of single-channel `maps` (G, H, W), exactly.
+
+  `map_sizes` (G, 2), optional: the true (height, width) of each map inside its zero
+  padding; samples past them clamp to the last real row/column (RoIAlign of the unpadded map).
 
   Unlike `roi_align`, `sampling_ratio=0` (adaptive, ceil(roi_size / out_size) samples per bin,
   torchvision's and Detectron2's rule) is supported: the count is capped at
@@ -277,13 +308,20 @@ def roi_align_maps(maps: jax.Array, boxes: jax.Array, map_index: jax.Array, outp
     grid_h = jnp.minimum(grid_h, max_h)
     grid_w = jnp.minimum(grid_w, max_w)
   hi = jax.lax.Precision.HIGHEST
+  map_index = map_index.astype(jnp.int32)
+  if map_sizes is None:
+    limit_h = jnp.full(map_index.shape, h, jnp.int32)
+    limit_w = jnp.full(map_index.shape, w, jnp.int32)
+  else:
+    sizes = jnp.asarray(map_sizes, jnp.int32)[map_index]
+    limit_h, limit_w = sizes[:, 0], sizes[:, 1]
 
   def one(args):   # `chunk` RoIs at a time (lax.map vmaps this over the chunk)
-    y, rh, gh, x, rw, gw, g = args
-    ay = interpolation_matrix(y[None], rh[None], h, out_h, gh[None], max_h)[0]   # (out_h, H)
-    ax = interpolation_matrix(x[None], rw[None], w, out_w, gw[None], max_w)[0]   # (out_w, W)
-    m = maps[g].astype(jnp.float32)
+    y, rh, gh, lh, x, rw, gw, lw, g = args
+    ay = interpolation_matrix(y[None], rh[None], h, out_h, gh[None], max_h, lh[None])[0]
+    ax = interpolation_matrix(x[None], rw[None], w, out_w, gw[None], max_w, lw[None])[0]
+    m = maps[g].astype(jnp.float32)                                  # ay (out_h, H), ax (out_w, W)
     return jnp.dot(jnp.dot(ay, m, precision=hi), ax.T, precision=hi)
 
-  return jax.lax.map(one, (y1, roi_h, grid_h, x1, roi_w, grid_w, map_index.astype(jnp.int32)),
+  return jax.lax.map(one, (y1, roi_h, grid_h, limit_h, x1, roi_w, grid_w, limit_w, map_index),
                      batch_size=chunk)

@@ -172,12 +172,14 @@ class MaskHead(nn.Module):
 class RoIHeadsConfig:
   """Options of the RoI heads; the defaults are Detectron2's, `torchvision()` gives its own.
 
-  sampling_ratio is static (Detectron2 uses an adaptive count: see `roi_align`'s docstring).
+  sampling_ratio: samples per bin side, a fixed int (2), or 0 for Detectron2's adaptive
+  count ceil(roi side / bins) capped at `max_sampling_ratio` (see `roi_align`'s docstring).
   """
   num_classes: int
   box_pool_size: int = 7
   mask_pool_size: int = 14
   sampling_ratio: int = 2
+  max_sampling_ratio: int = 4
   aligned: bool = True                    # torchvision: False
   level_rule: str = 'detectron2'          # or 'torchvision'
   min_level: int = 2
@@ -217,7 +219,8 @@ def pool(config: RoIHeadsConfig, features: Sequence[jax.Array], boxes: jax.Array
   batch_index = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
   pooled = roi_ops.multiscale_roi_align(
       features, boxes.reshape(b * r, 4), batch_index, output_size, min_level=config.min_level,
-      sampling_ratio=config.sampling_ratio, aligned=config.aligned,
+      sampling_ratio=config.sampling_ratio, max_sampling_ratio=config.max_sampling_ratio,
+      aligned=config.aligned,
       level_rule=config.level_rule, canonical_box_size=config.canonical_box_size,
       canonical_level=config.canonical_level)
   return pooled.reshape(b, r, *pooled.shape[1:])
@@ -347,11 +350,14 @@ def box_losses(class_logits: jax.Array, box_deltas: jax.Array, samples: RoISampl
 
 
 def mask_targets(gt_masks: jax.Array, boxes: jax.Array, matched: jax.Array, *,
-                 size: int = 28, rule: str = 'detectron2', chunk: int = 16) -> jax.Array:
+                 size: int = 28, rule: str = 'detectron2', chunk: int = 16,
+                 image_sizes: jax.Array | None = None) -> jax.Array:
   """Returns (B, M, size, size) float targets: GT masks (B, G, H, W) cropped to (B, M, 4) boxes.
 
   `matched` (B, M) picks each box's ground-truth mask. 'detectron2': RoIAlign aligned=True,
   adaptive sampling, >= 0.5 (0/1 targets); 'torchvision': aligned=False, adaptive, soft.
+  `image_sizes` (B, 2): each image's (h, w) inside the padded canvas; both libraries sample
+  the image-sized mask, so samples past its last row/column clamp to it (default: the canvas).
   """
   if rule not in MASK_TARGET_RULES:
     raise ValueError(f'mask target rule must be one of {MASK_TARGET_RULES}, got {rule!r}')
@@ -359,9 +365,12 @@ def mask_targets(gt_masks: jax.Array, boxes: jax.Array, matched: jax.Array, *,
   m = boxes.shape[1]
   maps = gt_masks.reshape(b * g, h, w)
   index = (jnp.arange(b, dtype=jnp.int32)[:, None] * g + matched.astype(jnp.int32)).reshape(-1)
+  map_sizes = None
+  if image_sizes is not None:
+    map_sizes = jnp.repeat(jnp.asarray(image_sizes, jnp.int32), g, axis=0)     # (B * G, 2)
   out = roi_ops.roi_align_maps(maps, jax.lax.stop_gradient(boxes).reshape(b * m, 4), index,
                                size, sampling_ratio=0, aligned=rule == 'detectron2',
-                               chunk=chunk)
+                               chunk=chunk, map_sizes=map_sizes)
   if rule == 'detectron2':
     out = (out >= 0.5).astype(jnp.float32)
   return out.reshape(b, m, size, size)
@@ -387,12 +396,14 @@ def roi_losses(config: RoIHeadsConfig, box_head: Callable, box_predictor: Callab
                proposal_valid: jax.Array, gt_boxes: jax.Array, gt_classes: jax.Array,
                gt_valid: jax.Array, gt_masks: jax.Array | None = None,
                key: jax.Array | None = None,
-               sample_masks: tuple[jax.Array, jax.Array] | None = None
+               sample_masks: tuple[jax.Array, jax.Array] | None = None,
+               image_sizes: jax.Array | None = None
                ) -> tuple[dict[str, jax.Array], RoISamples]:
   """Returns ({'loss_cls', 'loss_box_reg'[, 'loss_mask']}, samples) of one training step.
 
   `box_head`, `box_predictor`, `mask_head` are the (bound) modules; `features` the FPN levels
-  P2..P5 (NHWC); `gt_masks` (B, G, H, W) full-image masks when `mask_head` is given.
+  P2..P5 (NHWC); `gt_masks` (B, G, H, W) full-image masks when `mask_head` is given, on the
+  padded canvas, the images' true (h, w) in `image_sizes` (B, 2).
   """
   samples = sample_rois(key, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
                         num_classes=config.num_classes,
@@ -410,7 +421,8 @@ def roi_losses(config: RoIHeadsConfig, box_head: Callable, box_predictor: Callab
     mask_boxes = samples.boxes[:, :p]
     mask_logits = mask_head(pool(config, features, mask_boxes, config.mask_pool_size))
     targets = mask_targets(gt_masks, mask_boxes, samples.matched[:, :p],
-                           size=mask_logits.shape[-2], rule=config.mask_target_rule)
+                           size=mask_logits.shape[-2], rule=config.mask_target_rule,
+                           image_sizes=image_sizes)
     losses['loss_mask'] = mask_loss(mask_logits, samples.classes[:, :p], targets,
                                     samples.foreground[:, :p])
   return losses, samples

@@ -43,11 +43,13 @@ The detector's pinned Flax module tree, and what is converted beyond the naming 
   flipped in kh and kw (`deconv_kernel_from_torch`). With `deconv_transpose_kernel=True` it is
   for `ConvTranspose(..., transpose_kernel=True)` instead: (kh, kw, out, in), not flipped.
   tests/test_detection_weights.py checks both against torch.nn.ConvTranspose2d.
-- Detectron2's MSRA-initialised ResNets (all model-zoo R50/R101 FPN detectors) expect BGR
-  input in 0..255 minus the pixel mean with pixel std 1 and `stride_in_1x1=True`; nothing
-  in the weights says so: build the backbone with `stride_in_1x1=True` and preprocess
-  accordingly. torchvision's detectors take RGB in 0..1 normalised by ImageNet mean/std
-  (inside the model) and `stride_in_1x1=False`.
+- Input conventions: Detectron2's MSRA-initialised ResNets (all model-zoo R50/R101 FPN
+  detectors) expect BGR input in 0..255 minus the pixel mean with pixel std 1 and
+  `stride_in_1x1=True`; torchvision's detectors and ImageNet bodies take RGB normalised by
+  the ImageNet mean/std and `stride_in_1x1=False`. The files do not say so (older Detectron2
+  files carry `pixel_mean`/`pixel_std`, which are read when present), so the convention is
+  implied by the layout (`implied_convention`), returned as `LoadedWeights.convention`,
+  printed in the report, and checked against a `DetectorConfig` passed as `config=`.
 - Not used, and listed in `LoadReport.dropped`: Detectron2's `pixel_mean`/`pixel_std` and
   anchor-generator buffers of older checkpoints; the classifier of ImageNet files; the other
   half of a teacher+student file; with `partial=True`, parts the template does not have.
@@ -67,6 +69,7 @@ from flax import traverse_util
 
 from reviewkd_jax import convert
 from reviewkd_jax.convert import StateDictMismatchError
+from reviewkd_jax.detection import model as model_lib
 
 SOURCES = ('torchvision', 'detectron2', 'imagenet')
 _BODY = 'backbone.body.'
@@ -78,9 +81,13 @@ class LoadReport(NamedTuple):
   filled: tuple[str, ...]        # modules whose every leaf came from the file
   left_at_init: tuple[str, ...]  # modules (partly) kept at the template's values
   dropped: tuple[str, ...]       # keys of the file that were deliberately not used
+  convention: Any = None         # the input convention the file implies (None: not known)
 
   def __str__(self) -> str:
     lines = [f'Loaded {len(self.filled)} modules from a {self.source} file.']
+    lines.append('Input convention of these weights: ' + (
+        self.convention.describe() if self.convention is not None else
+        'not implied by the file (set it in the detector config)'))
     if self.left_at_init:
       lines.append(f'Left at their initial values ({len(self.left_at_init)}): '
                    f'{_summarise(self.left_at_init)}')
@@ -93,6 +100,73 @@ class LoadedWeights(NamedTuple):
   """`variables` (shaped like the template, numpy leaves) and the `report`."""
   variables: dict[str, Any]
   report: LoadReport
+
+  @property
+  def convention(self) -> model_lib.InputConvention | None:
+    """The input convention the file implies (None when it does not tell: the ReviewKD
+    authors' students)."""
+    return self.report.convention
+
+
+class InputConventionError(ValueError):
+  """A detector config's input rules differ from those its weights were trained with."""
+
+
+def implied_convention(state_dict: Mapping[str, Any], source: str,
+                       part: str | None = None) -> model_lib.InputConvention | None:
+  """Returns the input convention a file's weights were trained with, or None if unknown.
+
+  Detectron2 files of bottleneck ResNets in Detectron2's own layout (the model zoo, the
+  ReviewKD authors' teachers): MSRA's (BGR, std 1, stride_in_1x1), or the `pixel_mean` /
+  `pixel_std` the file carries; torchvision detection and ImageNet files, and Detectron2
+  files converted from torchvision (`stem.*`/`res2.*` keys): torchvision's. The authors'
+  students (`part='student'`) and Detectron2 files of other bodies: None.
+  """
+  if source in ('torchvision', 'imagenet'):
+    return model_lib.TORCHVISION_INPUT
+  if part == 'student':
+    return None
+  keys = list(state_dict)
+  if any(k.startswith(('stem.', 'res2.')) for k in keys):
+    return model_lib.TORCHVISION_INPUT
+  bottleneck = any(re.search(r'bottom_up\.res\d\.\d+\.conv3\.', k) for k in keys)
+  if not bottleneck:
+    return None
+  mean, std = state_dict.get('pixel_mean'), state_dict.get('pixel_std')
+  if mean is None:
+    return model_lib.MSRA_INPUT
+  mean = tuple(float(v) for v in np.asarray(mean).reshape(-1))
+  std = (1.0, 1.0, 1.0) if std is None else tuple(float(v) for v in np.asarray(std).reshape(-1))
+  fmt = 'RGB' if mean[0] > mean[2] else 'BGR'   # ImageNet's blue mean is the smallest
+  return model_lib.InputConvention(True, fmt, mean, std)
+
+
+def file_convention(path: str | os.PathLike, source: str = 'auto',
+                    part: str | None = None) -> model_lib.InputConvention | None:
+  """Returns `implied_convention` of the weights file at `path`."""
+  sd, from_pkl = _read(path)
+  if source == 'auto':
+    source = 'detectron2' if from_pkl else detect_source(sd)
+  return implied_convention(sd, source, part)
+
+
+def check_convention(config: model_lib.DetectorConfig,
+                     convention: model_lib.InputConvention | None, what: str) -> None:
+  """Raises InputConventionError if `config`'s input rules differ from `convention`."""
+  if convention is None:
+    return
+  have = config.input_convention
+  same = {'stride_in_1x1': have.stride_in_1x1 == convention.stride_in_1x1,
+          'input_format': have.input_format == convention.input_format,
+          'pixel_mean': np.allclose(have.pixel_mean, convention.pixel_mean, atol=1e-3),
+          'pixel_std': np.allclose(have.pixel_std, convention.pixel_std, atol=1e-3)}
+  diff = [f'{name}={getattr(have, name)!r} (the weights: {getattr(convention, name)!r})'
+          for name, ok in same.items() if not ok]
+  if diff:
+    raise InputConventionError(
+        f'{what} were trained with {convention.describe()}, but the detector is configured '
+        f'with {"; ".join(diff)}: build it with config.with_input_convention('
+        'loaded.convention) (DetectorConfig.detectron2_msra for the Detectron2 model zoo).')
 
 
 def _summarise(items, limit: int = 12) -> str:
@@ -312,7 +386,8 @@ def load_detector_weights(path_or_state_dict: str | os.PathLike | Mapping[str, A
                           template: Mapping[str, Any], source: str = 'auto', *,
                           partial: bool | None = None, part: str | None = None,
                           roi_flatten: str = 'hwc',
-                          deconv_transpose_kernel: bool = False) -> LoadedWeights:
+                          deconv_transpose_kernel: bool = False,
+                          config: model_lib.DetectorConfig | None = None) -> LoadedWeights:
   """Returns the detector's variables filled from a torchvision/Detectron2/ImageNet file.
 
   Args:
@@ -332,14 +407,20 @@ def load_detector_weights(path_or_state_dict: str | os.PathLike | Mapping[str, A
     roi_flatten: the order our box head flattens its (7, 7, C) RoI features in: 'hwc'
       (NHWC reshape, default) or 'chw'.
     deconv_transpose_kernel: the mask head's `ConvTranspose` uses `transpose_kernel=True`.
+    config: the detector's config; its input convention (stride rule, channel order, pixel
+      mean and std) is checked against the one the file implies.
   Raises:
     StateDictMismatchError: naming the missing, unexpected and mis-shaped keys.
+    InputConventionError: `config`'s input rules are not those of the weights.
   """
   sd, from_pkl = _read(path_or_state_dict)
   if source == 'auto':
     source = 'detectron2' if from_pkl else detect_source(sd)
   if source not in SOURCES:
     raise ValueError(f"source must be 'auto' or one of {SOURCES}, got {source!r}")
+  convention = implied_convention(sd, source, part)
+  if config is not None:
+    check_convention(config, convention, f'These {source} weights')
   sd, dropped = _select_part(sd, part)
   if partial is None:
     partial = source == 'imagenet' or part == 'student'
@@ -397,7 +478,8 @@ def load_detector_weights(path_or_state_dict: str | os.PathLike | Mapping[str, A
 
   partly_kept = sorted({module_of(p) for p in kept})
   filled = sorted({module_of(p) for p in filled_leaves} - set(partly_kept))
-  report = LoadReport(source, tuple(filled), tuple(partly_kept), tuple(dropped))
+  report = LoadReport(source, tuple(filled), tuple(partly_kept), tuple(dropped),
+                      convention)
   return LoadedWeights(traverse_util.unflatten_dict(flat_out), report)
 
 

@@ -67,6 +67,10 @@ class DetectionResult:
   evals: list[dict]       # every evaluation of this call, with its 'step'
 
 
+def _or(value, default):
+  return default if value is None else value
+
+
 def detector_config(config: ml_collections.ConfigDict, num_classes: int, *,
                     teacher: bool = False) -> model_lib.DetectorConfig:
   """Returns the student's (or, with `teacher`, the teacher's) static detector settings."""
@@ -74,10 +78,13 @@ def detector_config(config: ml_collections.ConfigDict, num_classes: int, *,
     raise ValueError(f"config.convention must be 'detectron2' or 'torchvision', got "
                      f'{config.convention!r}.')
   pre = 'teacher_' if teacher else ''
-  common = dict(stride_in_1x1=config[pre + 'stride_in_1x1'],
-                input_format=config[pre + 'input_format'],
-                pixel_mean=tuple(config[pre + 'pixel_mean']),
-                pixel_std=tuple(config[pre + 'pixel_std']), freeze_at=config.freeze_at,
+  given = {f: config[pre + f] for f in INPUT_FIELDS}
+  fill = model_lib.TORCHVISION_INPUT   # unset fields (resolve_input_conventions fills them)
+  common = dict(stride_in_1x1=bool(_or(given['stride_in_1x1'], fill.stride_in_1x1)),
+                input_format=_or(given['input_format'], fill.input_format),
+                pixel_mean=tuple(_or(given['pixel_mean'], fill.pixel_mean)),
+                pixel_std=tuple(_or(given['pixel_std'], fill.pixel_std)),
+                freeze_at=config.freeze_at,
                 fpn_channels=config.fpn_channels, box_head_dim=config.box_head_dim,
                 mask_head_dim=config.mask_head_dim)
   backbone = config[pre + 'backbone']
@@ -90,8 +97,60 @@ def detector_config(config: ml_collections.ConfigDict, num_classes: int, *,
   rpn = dataclasses.replace(base.rpn, pre_nms_topk=tuple(config.rpn_pre_nms_topk),
                             post_nms_topk=tuple(config.rpn_post_nms_topk))
   roi = dataclasses.replace(base.roi, batch_size_per_image=config.roi_batch_size_per_image,
-                            sampling_ratio=config.roi_sampling_ratio)
+                            sampling_ratio=config.roi_sampling_ratio,
+                            max_sampling_ratio=config.get('roi_max_sampling_ratio', 4))
   return dataclasses.replace(base, rpn=rpn, roi=roi)
+
+
+INPUT_FIELDS = model_lib.InputConvention._fields
+
+
+def _weights_convention(path: str, source: str) -> model_lib.InputConvention | None:
+  """Returns the input convention weights at `path` imply: a file's (`weights.py`), or for a
+  run folder of this trainer the student convention its config.json recorded."""
+  folder = epath.Path(path)
+  if folder.is_dir():
+    for candidate in (folder, folder.parent, folder.parent.parent):
+      if (candidate / 'config.json').exists():
+        import json  # pylint: disable=g-import-not-at-top
+        recorded = json.loads((candidate / 'config.json').read_text())
+        if all(recorded.get(f) is not None for f in INPUT_FIELDS):
+          return model_lib.InputConvention(
+              bool(recorded['stride_in_1x1']), recorded['input_format'],
+              tuple(recorded['pixel_mean']), tuple(recorded['pixel_std']))
+    return None
+  return weights_lib.file_convention(path, source)
+
+
+def resolve_input_conventions(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns `config` with every unset (None) input field of the student and the teacher
+  filled from the convention their weights imply (torchvision's without weights).
+
+  A field the config sets is kept; one that differs from what the weights imply is logged
+  as a warning. Weights that imply nothing (the ReviewKD authors' students) need the fields.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  roles = [('', 'weights', 'weights_source')]
+  if config.method != 'none':
+    roles.append(('teacher_', 'teacher_weights', 'teacher_weights_source'))
+  for pre, path_field, source_field in roles:
+    path = config[path_field]
+    implied = _weights_convention(path, config[source_field]) if path else None
+    given = {f: config[pre + f] for f in INPUT_FIELDS}
+    if path and implied is None and any(v is None for v in given.values()):
+      raise ValueError(
+          f'config.{path_field}={path!r} does not say which input convention its weights were '
+          f'trained with: set --config.{pre}stride_in_1x1, --config.{pre}input_format, '
+          f'--config.{pre}pixel_mean and --config.{pre}pixel_std.')
+    base = implied or model_lib.TORCHVISION_INPUT
+    for f, v in given.items():
+      if v is None:
+        config[pre + f] = getattr(base, f)
+      elif implied is not None and not np.array_equal(np.asarray(v), np.asarray(
+          getattr(implied, f))):
+        logging.warning('config.%s%s=%r is not what %s implies (%r); kept as the config says.',
+                        pre, f, v, path, getattr(implied, f))
+  return config
 
 
 def distill_module(config: ml_collections.ConfigDict, teacher_channels: dict
@@ -155,14 +214,16 @@ def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
 
     def loss_fn(params):
       svars = {'params': params['student'], **state.model_state['student']}
-      feats = module.apply(svars, batch['image'], method=model_lib.RCNN.features)
+      feats = module.apply(svars, batch['image'], batch['image_size'],
+                           method=model_lib.RCNN.features)
       out = module.apply(svars, batch, key, feats, return_aux=method == 'kd',
                          method=model_lib.RCNN.losses)
       losses, aux = out if method == 'kd' else (out, None)
       distill_state = state.model_state['distill']
       if method != 'none':
         tfeats = jax.lax.stop_gradient(teacher.apply(
-            teacher_variables, batch['image'], method=model_lib.RCNN.features))
+            teacher_variables, batch['image'], batch['image_size'],
+            method=model_lib.RCNN.features))
         dvars = {'params': params['distill'], **distill_state}
         if method == 'reviewkd':
           outs, distill_state = head.apply(dvars, det_distill.pyramid(feats), train=True,
@@ -278,6 +339,7 @@ def train_detector(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _set_up(config, workdir: str, devices) -> _Setup:
   """Builds the run and reads the workdir, writing nothing."""
+  config = resolve_input_conventions(config)
   mesh = state_lib.make_mesh(devices)
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % mesh.size:
