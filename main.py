@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from reviewkd_jax.models.registry import set_outputs_from_config
 from reviewkd_jax.train import SetupError
 from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
 from reviewkd_jax.train.detection import is_detection, train_detector
@@ -69,6 +70,10 @@ def main(argv):
   logging.info('JAX process %d/%d, %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  try:
+    set_outputs_from_config(FLAGS.config)  # models of the user's named by import path
+  except ValueError as e:
+    raise SystemExit(f'\n{e}') from None
   try:
     if is_detection(FLAGS.config):
       train_detector(FLAGS.config, FLAGS.workdir)

@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher = ''                  # the frozen teacher's model name
   config.teacher_checkpoint = ''       # .pt/.pth state_dict, or a workdir of a run of this code
   config.teacher_bn_mode = 'eval'      # 'eval' (running stats) | 'batch_stats' (authors' CIFAR)
+  # A network of yours instead of a registered name: model/teacher = 'package.module:Class'
+  # (on PYTHONPATH) and the names of its feature outputs, module paths shallow to deep
+  # (docs/custom.md), e.g. ('stage1', 'stage2', 'stage3'); () for registered models.
+  config.model_outputs = ()
+  config.teacher_outputs = ()
   config.eval_teacher = True           # report the teacher's eval accuracy at start
 
   # ReviewKD: loss = ce_weight * CE + lambda * min(1, epoch / warmup) * HCL (+ kd_weight * KD).
