@@ -1,9 +1,13 @@
-"""A damaged newest checkpoint falls back to the last good one; another experiment's workdir
-is refused before anything is read or written (mock CIFAR-100, tiny runs)."""
+"""A damaged newest checkpoint falls back to the last good one, whether its files fail to read
+or read with other values (checksums); a damaged exported model is refused as a teacher;
+another experiment's workdir is refused before anything is read or written (mock CIFAR-100,
+tiny runs)."""
+import json
 import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from reviewkd_jax.train import checkpoint as checkpoint_lib
@@ -37,6 +41,17 @@ def _damage(step_dir: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
+def _flip_array_bytes(step_dir: pathlib.Path) -> None:
+  """XORs 16 bytes in the middle of the largest array data file of a checkpoint: the files
+  still read (orbax's compressed chunks carry no checksum), with other values."""
+  files = [p for p in step_dir.rglob('*') if p.is_file() and p.parent.name == 'd']
+  path = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  mid = len(data) // 2
+  data[mid:mid + 16] = bytes(b ^ 0x5A for b in data[mid:mid + 16])
+  path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   return train_and_evaluate(_config(), str(tmp_path_factory.mktemp('reference')),
@@ -63,6 +78,42 @@ def test_damaged_newest_checkpoint_falls_back_and_continues_exactly(tmp_path, un
   assert moved.is_dir() and any(moved.rglob('*'))
   assert any('step 5' in r.getMessage() and 'step 4' in r.getMessage()
              for r in caplog.records if r.levelname == 'WARNING')
+
+
+def test_checkpoint_that_reads_with_other_values_is_caught_by_its_checksums(
+    tmp_path, uninterrupted, caplog):
+  train_and_evaluate(_config(stop_after_step=5), str(tmp_path), devices=ONE_DEVICE)
+  ckpt_dir = tmp_path / checkpoint_lib.STATE_DIR
+  _flip_array_bytes(ckpt_dir / '5')
+  # The damage is in the contents only: the arrays still read, with other values.
+  read = ocp.StandardCheckpointer().restore(
+      ckpt_dir / '5' / 'state', checkpoint_lib.abstract_like(uninterrupted.state))
+  meta = json.loads((ckpt_dir / '5' / 'meta' / 'metadata').read_text())
+  assert checkpoint_lib.mismatched_arrays(read, meta)
+
+  resumed = train_and_evaluate(_config(), str(tmp_path), devices=ONE_DEVICE)
+  assert resumed.step == 6 and [h['step'] for h in resumed.history] == [5, 6]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
+               jax.device_get(uninterrupted.state))
+  assert (tmp_path / checkpoint_lib.DAMAGED_DIR / '5').is_dir()
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert any('checkpoint of step 5' in w and 'differ from the checksums' in w and
+             'resuming from step 4' in w for w in warnings), warnings
+
+
+def test_damaged_exported_model_is_refused_as_a_teacher(tmp_path):
+  rng = np.random.default_rng(0)
+  variables = {'params': {'w': rng.normal(size=(64, 64)).astype(np.float32),
+                          'b': np.zeros(64, np.float32)}}
+  ckpts = checkpoint_lib.RunCheckpoints(str(tmp_path), keep=1)
+  ckpts.save_model(checkpoint_lib.FINAL, 3, variables, {'model': 'resnet8'})
+  ckpts.close()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  loaded, _ = checkpoint_lib.load_model(str(tmp_path / 'final'), variables, sharding=sharding)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), variables)
+  _flip_array_bytes(tmp_path / 'final' / '3')
+  with pytest.raises(checkpoint_lib.DamagedModelError, match=r'final/3 is damaged: 1 array'):
+    checkpoint_lib.load_model(str(tmp_path / 'final'), variables, sharding=sharding)
 
 
 def test_every_checkpoint_damaged_stops_with_one_message_and_deletes_nothing(tmp_path):

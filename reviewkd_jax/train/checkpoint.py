@@ -14,13 +14,21 @@ the config before any array is read, so a workdir of another experiment is refus
 `best` and `final` hold the plain backbone's variables ({'params', 'batch_stats'}): what a
 later run loads as its teacher. Their `meta` says what they are (label, model, dataset,
 epoch, accuracy, and on which split "best" was chosen). Teachers are never saved here.
+
+Every save records a CRC-32 of each array's bytes in its `meta` (`array_crc32`, computed
+on the host from the arrays being saved); a restore recomputes them from what it read. A
+TrainState whose arrays do not match is handled like one that cannot be read (moved aside,
+the previous one used); a labelled model that does not match is refused when loaded.
+Checkpoints written before checksums existed are read unchecked.
 """
 from __future__ import annotations
 
 import sys
+import zlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -31,6 +39,7 @@ STATE_DIR = 'checkpoints'
 DAMAGED_DIR = 'damaged_checkpoints'
 BEST, FINAL = 'best', 'final'
 MODEL_LABELS = (BEST, FINAL)
+DIGESTS = 'array_crc32'   # the meta key of the arrays' checksums
 
 
 class CheckpointMismatchError(ValueError):
@@ -43,6 +52,57 @@ class NoUsableCheckpointError(RuntimeError):
 
 class OtherRunError(ValueError):
   """A workdir holds the checkpoints of another experiment."""
+
+
+class DamagedModelError(ValueError):
+  """A saved model's arrays do not match the checksums saved with them."""
+
+
+def _host_bytes(x: Any) -> np.ndarray | None:
+  """Returns the bytes of array `x` as a flat uint8 numpy array (C order), None for an array
+  this process holds only a part of."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.is_fully_replicated:
+      return None
+    x = x.addressable_data(0)
+  a = np.ascontiguousarray(np.asarray(x))
+  return a.reshape(-1).view(np.uint8)
+
+
+def array_digests(tree: Any) -> dict[str, str]:
+  """Returns {leaf path: CRC-32 (8 hex digits) of the leaf's bytes} for the arrays of `tree`.
+
+  Leaves split over several processes (none in this project's replicated states) are left
+  out.
+  """
+  digests = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    data = _host_bytes(leaf)
+    if data is not None:
+      digests[_path_name(path)] = f'{zlib.crc32(data):08x}'
+  return digests
+
+
+def _path_name(path: tuple) -> str:
+  """Returns a leaf's path as 'params/conv1/kernel' (dict keys, attributes, indices)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def mismatched_arrays(tree: Any, meta: dict) -> list[str]:
+  """Returns the leaf paths of `tree` whose bytes do not match the checksums in `meta` (none
+  when `meta` has no checksums: a checkpoint saved before they were recorded)."""
+  saved = meta.get(DIGESTS)
+  if not saved:
+    return []
+  now = array_digests(tree)
+  return sorted(k for k, digest in now.items() if saved.get(k, digest) != digest)
+
+
+def _describe_mismatch(bad: list[str]) -> str:
+  names = ', '.join(bad[:3]) + (f' and {len(bad) - 3} more' if len(bad) > 3 else '')
+  return (f'{len(bad)} array(s) differ from the checksums saved with them: the files were '
+          f'damaged after saving ({names})')
 
 
 def _drop_late_callbacks_of_failed_reads() -> None:
@@ -118,8 +178,9 @@ class RunCheckpoints:
 
     Newest first: a checkpoint's `meta` is read and passed to `check_meta` before any array
     is (`check_meta` raises for a workdir of another experiment, which ends the search);
-    then its arrays are restored like `like_state`. A checkpoint that cannot be read
-    (missing or corrupt files, arrays that do not fit) is skipped; once a usable one is
+    then its arrays are restored like `like_state` and checked against the checksums in its
+    `meta`. A checkpoint that cannot be read (missing or corrupt files, arrays that do not
+    fit or do not match their checksums) is skipped; once a usable one is
     found, the skipped newer ones are moved aside to `damaged_checkpoints/` (never deleted),
     with a warning, so that training continues from the usable step. When none reads,
     raises NoUsableCheckpointError listing each step and why, having moved nothing.
@@ -139,6 +200,10 @@ class RunCheckpoints:
       except Exception as e:  # pylint: disable=broad-except
         _drop_late_callbacks_of_failed_reads()
         tried.append((step, _first_line(e)))
+        continue
+      bad = mismatched_arrays(state, meta)
+      if bad:
+        tried.append((step, _describe_mismatch(bad)))
         continue
       if tried:
         self._move_aside(tried, usable=step)
@@ -172,6 +237,7 @@ class RunCheckpoints:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves the TrainState at `step` (blocking: the next step may donate its buffers)."""
     self.state_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, DIGESTS: array_digests(state)}
     self._state.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._state.wait_until_finished()
@@ -182,7 +248,8 @@ class RunCheckpoints:
     epath.Path(mngr.directory).mkdir(parents=True, exist_ok=True)
     mngr.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables),
-        meta=ocp.args.JsonSave({'label': label, **meta})), force=True)
+        meta=ocp.args.JsonSave({'label': label, **meta, DIGESTS: array_digests(variables)})),
+        force=True)
     mngr.wait_until_finished()
 
   def model_meta(self, label: str) -> dict | None:
@@ -247,7 +314,8 @@ def load_model(path: str, template: Any, *, sharding: jax.sharding.Sharding,
   """Returns (variables, meta) of a labelled model, checked against `template`'s shapes.
 
   Raises CheckpointMismatchError when the stored model is another architecture (by name or
-  by shapes) than the one it is loaded into.
+  by shapes) than the one it is loaded into, DamagedModelError when its arrays do not match
+  the checksums saved with them.
   """
   directory = model_directory(path)
   mngr = _manager(directory, 'variables', None)  # only ever read here
@@ -265,8 +333,19 @@ def load_model(path: str, template: Any, *, sharding: jax.sharding.Sharding,
     _compare(template, mngr.item_metadata(step)['variables'], str(directory))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
-    variables = mngr.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(abstract)))['variables']
+    try:
+      variables = mngr.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(abstract)))['variables']
+    except Exception as e:  # pylint: disable=broad-except
+      _drop_late_callbacks_of_failed_reads()
+      raise DamagedModelError(
+          f'The model saved in {directory / str(step)} cannot be read ({_first_line(e)}): '
+          'restore that folder from a copy, or rerun the run that wrote it.') from e
+    bad = mismatched_arrays(variables, meta)
+    if bad:
+      raise DamagedModelError(
+          f'The model saved in {directory / str(step)} is damaged: {_describe_mismatch(bad)}. '
+          'Restore that folder from a copy, or rerun the run that wrote it.')
   finally:
     mngr.close()
   return variables, meta
