@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from reviewkd_jax.data.image_folder import register_from_config
 from reviewkd_jax.models.registry import set_outputs_from_config
 from reviewkd_jax.train import SetupError
 from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
@@ -72,6 +73,7 @@ def main(argv):
                jax.devices()[0].platform)
   try:
     set_outputs_from_config(FLAGS.config)  # models of the user's named by import path
+    register_from_config(FLAGS.config)  # a folder of the user's images as the dataset
   except ValueError as e:
     raise SystemExit(f'\n{e}') from None
   try:

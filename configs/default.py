@@ -10,13 +10,22 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = 'cifar100'          # 'cifar100' | 'imagenet2012' | 'digits'
+  config.dataset = 'cifar100'          # 'cifar100' | 'imagenet2012' | 'digits' | the path of
+                                       # a folder of images (train/ and val/ of class folders)
   config.data_dir = ''                 # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.batch_size = 128              # global: over all devices and hosts
   config.eval_batch_size = 512         # global; the last eval batch is padded and masked
   config.train_subset = 0              # > 0: train on the first N training examples only
   config.shuffle_buffer = 16384        # streamed datasets (ImageNet) only
   config.prefetch_batches = 2          # batches on the device ahead of the step
+  # An image folder as config.dataset (data/image_folder.py, docs/custom.md):
+  config.folder_augmentation = 'cifar'  # 'cifar': resized to folder_image_size, pad 1/8, random
+                                       # crop, flip | 'imagenet': random-resized crop + flip
+  config.folder_image_size = 32        # the network's input side
+  config.folder_mean = ()              # per channel on [0, 1]; () = computed from the images
+  config.folder_std = ()
+  config.folder_flip = True            # random horizontal flips in training
+  config.folder_eval_split = 'val'     # the eval split's subfolder
 
   # Networks and method.
   config.model = 'resnet20'            # the network trained: the student, or the network alone

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, Callable
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -68,10 +70,27 @@ DATASETS = {
 }
 
 
+# Datasets registered at run time (`image_folder.register_image_folder`): spec and loader
+# `load(spec, *, process_index, process_count, train_subset) -> source`.
+_REGISTERED: dict[str, tuple[DatasetSpec, Callable[..., Any]]] = {}
+
+
+def register_dataset(spec: DatasetSpec, load: Callable[..., Any]) -> None:
+  """Makes `get_spec(spec.name)` return `spec` and `load_source` call `load` for it."""
+  if spec.name in DATASETS:
+    raise ValueError(f'{spec.name!r} is a built-in dataset; choose another name.')
+  _REGISTERED[spec.name] = (spec, load)
+
+
 def get_spec(name: str) -> DatasetSpec:
   """Returns the spec of dataset `name`, or raises ValueError listing the known ones."""
+  if name in _REGISTERED:
+    return _REGISTERED[name][0]
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(DATASETS)}.')
+    raise ValueError(
+        f'Unknown dataset {name!r}; known datasets: {", ".join(DATASETS)}; or a folder of '
+        'images in class subfolders (train/ and val/ splits), given as its path: main.py '
+        'reads it (data.image_folder.register_from_config).')
   return DATASETS[name]
 
 
@@ -203,6 +222,8 @@ def load_source(spec: DatasetSpec, *, data_dir: str | None, process_index: int,
   experiments; the digits demo); the eval split is always whole.
   """
   share = dict(process_index=process_index, process_count=process_count)
+  if spec.name in _REGISTERED:
+    return _REGISTERED[spec.name][1](spec, train_subset=train_subset, **share)
   keep = slice(train_subset or None)
   if spec.name == 'digits':
     (x_train, y_train), test = digits.load_digits_32()
