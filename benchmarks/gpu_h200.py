@@ -1,9 +1,15 @@
 """The distillation train steps on one GPU against PyTorch, in one command (sized for an H200).
 
-  PYTHONUNBUFFERED=1 python benchmarks/gpu_h200.py --out=$OUT --label=run1 --budget_s=390
-  PYTHONUNBUFFERED=1 python benchmarks/gpu_h200.py --out=$OUT --label=run2 --budget_s=330 \
-      --xla_flags='--xla_gpu_...'            # the same items with extra XLA flags
-  python benchmarks/gpu_h200.py --out=/tmp/gpu_tiny --tiny --budget_s=300   # CPU smoke test
+  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_h200.py --out=$OUT --label=run1 --budget_s=385
+  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_h200.py --out=$OUT --label=run2 --budget_s=392 \
+      --xla_flags=--xla_gpu_enable_command_buffer=+CONVOLUTION \
+      --items=cifar_b128,cifar_b128@noflags,imagenet_bf16,detection,detection@noflags
+  python benchmarks/gpu_h200.py --cpu_flops $OUT/gpu_h200_run1.json  # FLOPs, MFU (on a CPU)
+  python benchmarks/gpu_h200.py --out=/tmp/gpu_tiny --tiny --budget_s=300   # smoke test
+
+(docs/performance_gpu.md has what these measured on an H200.) `--xla_flags` is appended to
+XLA_FLAGS in every item; an item named `NAME@noflags` runs NAME's JAX step alone without
+those flags, the same-run control of a flag.
 
 Measures, each item in its own subprocess (so a crash, an out-of-memory or a hang costs that
 item only, and each item's peak memory is its own), in this order, until `--budget_s` is
@@ -28,6 +34,12 @@ interleaved rounds, as `python -m reviewkd_jax.benchmark` does; each JAX row has
 compile time, median step (one by one) and the back-to-back step, images/s, peak device
 memory, XLA's FLOPs per step and MFU, both against the peak of its dtype
 (`bench/hardware.py`) and against the H200's dense bf16 peak (989 TFLOP/s) for every item.
+FLOPs are XLA's cost analysis of the unoptimised step; jaxlib 0.11's GPU client gives none
+for it (and the compiled program's analysis leaves out the cuDNN convolutions), so on a GPU
+`--cpu_flops REPORT.json` adds them afterwards, counted on the CPU backend from the same
+program. Peak memory: the compiled program's own for JAX (the device statistics also hold
+the autotuner's scratch), the steady state after warm-up for PyTorch (its first step also
+holds cuDNN's algorithm search).
 
 Writes `<out>/gpu_h200_<label>.json` after every item (the report so far) and
 `<out>/gpu_h200_<label>.log` (every subprocess's output); prints a table at the end. The
@@ -194,9 +206,38 @@ def _bf16_utilization(flops, step_s):
           achieved / H200_BF16_DENSE_PEAK}
 
 
+def _reset_torch_peak(device: str):
+  """Returns PyTorch's peak bytes so far (first step: cuDNN's algorithm search included)
+  and starts a new peak, so that the report's peak is the steady-state step's."""
+  if device != 'cuda':
+    return None
+  import torch  # pylint: disable=g-import-not-at-top
+  peak = int(torch.cuda.max_memory_allocated())
+  torch.cuda.reset_peak_memory_stats()
+  return peak
+
+
+def _step_peaks(steps_out: dict, torch_first_peak):
+  """Sets 'step_peak_bytes' of each row: the compiled program's own peak (arguments +
+  outputs not donated + temporaries) for JAX, whose device statistics' peak also holds the
+  autotuner's scratch during compilation; PyTorch's steady-state peak."""
+  for name, r in steps_out.items():
+    mem = r.setdefault('memory', {})
+    if name == 'jax':
+      r['step_peak_bytes'] = mem.get('compiled_peak_bytes')
+    else:
+      r['step_peak_bytes'] = mem.get('device_peak_bytes')
+      if torch_first_peak is not None:
+        mem['first_steps_peak_bytes'] = torch_first_peak
+
+
 def _torch_device():
   import jax  # pylint: disable=g-import-not-at-top
   return 'cuda' if jax.devices()[0].platform == 'gpu' else 'cpu'
+
+
+class _Skipped(Exception):
+  pass
 
 
 def _torch_setup():
@@ -332,6 +373,8 @@ def classification(result: Result, settings: dict, deadline: float):
   runners = {'jax': jr}
   device = _torch_device()
   try:
+    if settings.get('jax_only'):
+      raise _Skipped('JAX only')
     result.data['torch_settings'] = _torch_setup()
     from reviewkd_jax.bench import torch_step  # pylint: disable=g-import-not-at-top
     shape = (1, *step.spec.image_shape)
@@ -346,11 +389,14 @@ def classification(result: Result, settings: dict, deadline: float):
     runner.compile()
     _log(f'torch eager: first step {runner.result["first_call_s"]:.1f} s')
     runners['torch_eager'] = runner
+  except _Skipped as e:
+    result.data['torch_eager_skipped'] = str(e)
   except Exception as e:  # pylint: disable=broad-except
     result.data['torch_eager_error'] = f'{type(e).__name__}: {e}'
     traceback.print_exc()
   for r in runners.values():
     r.warmup(warmup)
+  first_peak = _reset_torch_peak(device)
   result.data['rounds'] = []
   for _ in range(rounds):
     this = {'load_average': os.getloadavg()[0]}
@@ -364,6 +410,7 @@ def classification(result: Result, settings: dict, deadline: float):
       this['speedup_vs_torch_eager'] = this['torch_eager_ms'] / this['jax_ms']
     result.data['rounds'].append(this)
   steps_out = {name: r.summary() for name, r in runners.items()}
+  _step_peaks(steps_out, first_peak)
   jax_r = steps_out['jax']
   jax_r.update(_bf16_utilization(jax_r['flops_per_step'], jax_r['pipelined_step_ms'] / 1e3))
   if 'torch_eager' in steps_out:
@@ -415,8 +462,10 @@ def torch_compile(result: Result, settings: dict, deadline: float):
   result.data['torch_compile_first'] = dict(runner.result)
   result.save('torch_compile_first')
   runner.warmup(3)
+  first_peak = _reset_torch_peak(_torch_device())
   runner.run_synced(settings.get('steps', 20))
   result.data['steps'] = {'torch_compile': runner.summary()}
+  _step_peaks(result.data['steps'], first_peak)
   result.save('timed')
 
 
@@ -531,8 +580,13 @@ class _DetJaxRunner:
     self.state, metrics = self.train_step(*args)
     first = {k: float(v) for k, v in jax.device_get(metrics).items()}
     first_s = time.perf_counter() - t0
+    try:
+      lowered_cost = repr(lowered.cost_analysis())[:300]
+    except Exception as e:  # pylint: disable=broad-except
+      lowered_cost = f'{type(e).__name__}: {str(e)[:300]}'
     return {'trace_s': trace_s, 'compile_s': compile_s, 'first_call_s': first_s,
             'flops_per_step': jax_step._flops(lowered),  # pylint: disable=protected-access
+            'lowered_cost_analysis': lowered_cost,
             'memory': jax_step._memory(compiled),  # pylint: disable=protected-access
             'first_step_metrics': first}
 
@@ -567,10 +621,11 @@ class _DetTorchRunner:
   (`transform` -> `backbone` -> `rpn` -> `roi_heads` losses), the R101-FPN teacher pyramid
   under no_grad, the authors' five detection ABFs (`testing.torch_reviewkd.DetectionReviewKD`)
   and `lambda * hcl` against the teacher's P2..P6, SGD(momentum 0.9, weight decay 1e-4).
-  `distill=False`: torchvision's Faster R-CNN training step alone (no teacher, no ABFs)."""
+  `distill=False`: torchvision's Faster R-CNN training step alone (no teacher, no ABFs).
+  The learning rate is constant at the JAX step's first (warm-up) value."""
 
   def __init__(self, settings: dict, host_batch: dict, *, distill: bool, lam: float,
-               device: str):
+               lr: float, device: str):
     import numpy as np  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     from reviewkd_jax.testing import torch_reviewkd  # pylint: disable=g-import-not-at-top
@@ -595,9 +650,20 @@ class _DetTorchRunner:
           trainable_layers=0).to(self.device).eval()
       for p in self.teacher.parameters():
         p.requires_grad_(False)
+      # Random weights without normalisation grow ~2x per residual block (R101's pyramid
+      # reaches ~1e4 and the HCL term ~1e10, and the student diverges to NaN within steps);
+      # the last frozen BN of each residual branch at 0.1 keeps the pyramid O(0.1-1), as
+      # trained weights are. Same computation, finite losses.
+      with torch.no_grad():
+        for block in self.teacher.body.modules():
+          last_bn = getattr(block, 'bn3', None) or getattr(block, 'bn2', None)
+          if last_bn is not None and hasattr(block, 'conv1'):
+            last_bn.weight.mul_(0.1)
       self.kd_trans = torch_reviewkd.DetectionReviewKD().to(self.device).train()
       params += list(self.kd_trans.parameters())
-    self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    # The JAX step's first learning rate (Detectron2's warm-up starts at 0.001x): from
+    # random weights, the recipe's full lr (0.01) diverges to NaN within a few steps.
+    self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     # Each image at its true size (torchvision pads the batch to a multiple of 32 itself).
     self.images = [torch.from_numpy(np.ascontiguousarray(
         host_batch['image'][i, :h, :w].transpose(2, 0, 1) / 255.0)).float().to(self.device)
@@ -701,17 +767,23 @@ def detection(result: Result, settings: dict, deadline: float):
   runners = {'jax': jr}
   device = _torch_device()
   try:
+    if settings.get('jax_only'):
+      raise _Skipped('JAX only')
     result.data['torch_settings'] = _torch_setup()
+    lr = compiled['first_step_metrics']['lr']
     tr = _DetTorchRunner(settings, jr.host_batch, distill=True, lam=c.reviewkd_weight,
-                         device=device)
+                         lr=lr, device=device)
     tr.compile()
     _log(f'torch detection: first step {tr.result["first_call_s"]:.1f} s')
     runners['torch_eager'] = tr
+  except _Skipped as e:
+    result.data['torch_eager_skipped'] = str(e)
   except Exception as e:  # pylint: disable=broad-except
     result.data['torch_eager_error'] = f'{type(e).__name__}: {e}'
     traceback.print_exc()
   for r in runners.values():
     r.warmup(2)
+  first_peak = _reset_torch_peak(device)
   result.data['rounds'] = []
   for _ in range(rounds):
     this = {}
@@ -743,6 +815,7 @@ def detection(result: Result, settings: dict, deadline: float):
     ratios = [r['speedup_vs_torch_eager'] for r in result.data['rounds']]
     result.data['speedup_vs_torch_eager'] = {'median': float(np.median(ratios)),
                                              'min': min(ratios), 'max': max(ratios)}
+  _step_peaks(steps_out, first_peak)
   result.data['steps'] = steps_out
   result.save('timed')
   _log(f'jax detection {stats["median_ms"]:.1f} ms/step; torch '
@@ -753,17 +826,70 @@ def detection(result: Result, settings: dict, deadline: float):
     if device == 'cuda':
       torch.cuda.empty_cache()
     try:
-      alone = _DetTorchRunner(settings, jr.host_batch, distill=False, lam=0.0, device=device)
+      alone = _DetTorchRunner(settings, jr.host_batch, distill=False, lam=0.0, lr=lr,
+                              device=device)
       alone.compile()
       alone.warmup(2)
+      first_peak = _reset_torch_peak(device)
       alone.run_synced(steps)
       s = alone.summary(c.batch_size)
+      _step_peaks({'torch': s}, first_peak)
       s['framework'] = 'torchvision Faster R-CNN R18-FPN training step alone, eager'
       result.data['steps']['torchvision_student_alone'] = s
     except Exception as e:  # pylint: disable=broad-except
       result.data['torchvision_student_alone_error'] = f'{type(e).__name__}: {e}'
       traceback.print_exc()
     result.save('torchvision_alone')
+
+
+def cpu_flops(report_path: str):
+  """Adds XLA's FLOPs of each JAX step in a report, counted on this machine's CPU backend
+  (the unoptimised program, lowered only, never compiled: the count does not depend on the
+  device), and the utilisation figures that follow from them and the measured times."""
+  install_placeholders()
+  sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.bench import hardware, jax_step  # pylint: disable=g-import-not-at-top
+  with open(report_path) as f:
+    report = json.load(f)
+  peaks = {'bfloat16': 989e12, 'float32': 494.5e12}   # H200 dense, bench/hardware.py
+  for name, item in report['items'].items():
+    steps = item.get('steps', {})
+    if 'jax' not in steps:
+      continue
+    settings = dict(item['settings'])
+    t0 = time.time()
+    if item['kind'] == 'classification':
+      step = jax_step.build(_load_config(settings), steps_per_epoch=10,
+                            devices=jax.devices('cpu'))
+      lowered = step.train_step.lower(step.state, step.batch, step.teacher_variables)
+      dtype = settings['dtype']
+    else:
+      runner = _DetJaxRunner(settings, False)
+      lowered = runner.train_step.lower(runner.state, runner.batch, runner.teacher_variables)
+      dtype = 'float32'
+    flops = jax_step._flops(lowered)  # pylint: disable=protected-access
+    print(f'{name}: {flops / 1e9:.1f} GFLOP/step ({time.time() - t0:.0f} s)', flush=True)
+    for fw, r in steps.items():
+      if fw != 'jax':
+        r['flops_note'] = "utilisation from the JAX step's FLOPs (the same computation)"
+      if fw == 'jax':
+        r['flops_per_step_device'] = r.get('flops_per_step')
+        r['flops_source_device'] = r.get('flops_source')
+        r['flops_per_step'] = flops
+        r['flops_source'] = f'CPU lowering, jax {jax.__version__} / jaxlib {jaxlib.__version__}'
+      step_s = r['pipelined_step_ms'] / 1e3
+      r.update(_bf16_utilization(flops, step_s))
+      r['mfu'] = flops / step_s / peaks[dtype]
+      r['achieved_flops_per_s'] = flops / step_s
+  del hardware
+  report['targets'] = targets(report)
+  with open(report_path, 'w') as f:
+    json.dump(report, f, indent=1, default=_json_default)
+  print(table(report))
+  for t in report['targets']:
+    print('target', t)
 
 
 CHILDREN = {'probe': probe, 'classification': classification, 'detection': detection,
@@ -774,10 +900,13 @@ def child_main(args):
   install_placeholders()
   sys.path.insert(0, ROOT)
   result = Result(args.result)
-  kind, _, settings, tiny_settings = ITEMS[args.child]
+  base, _, variant = args.child.partition('@')
+  kind, _, settings, tiny_settings = ITEMS[base]
   settings = dict(tiny_settings if args.tiny else settings)
   if args.tiny:
     settings.update(tiny=True, steps=4, rounds=2)
+  if variant == 'noflags':
+    settings['jax_only'] = True
   result.data.update(item=args.child, kind=kind, settings=settings,
                      started=datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec='seconds'))
@@ -811,7 +940,7 @@ def _row(name, r, jax_ms=None):
   step = r.get('step', {})
   ms = step.get('median_ms')
   mem = r.get('memory', {})
-  peak = mem.get('device_peak_bytes', mem.get('compiled_peak_bytes'))
+  peak = r.get('step_peak_bytes', mem.get('compiled_peak_bytes', mem.get('device_peak_bytes')))
   comp = r.get('compile_s', r.get('first_call_s'))
   vs = (ms / jax_ms) if (ms and jax_ms) else None
   return (f'{name:<34}{_fmt(comp, ".1f"):>9}{_fmt(ms, ".2f"):>10}'
@@ -875,11 +1004,13 @@ def parent_main(args):
   env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')   # the rest for PyTorch
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   env['PYTHONUNBUFFERED'] = '1'
+  env['PYTHONPATH'] = ROOT + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+  base_env = dict(env)
   if args.xla_flags:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
-  env['PYTHONPATH'] = ROOT + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
   names = args.items.split(',') if args.items else list(ITEMS)
   report = {'command': ' '.join([os.path.basename(sys.executable), *sys.argv]),
+            'extra_xla_flags': args.xla_flags,
             'label': args.label,
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'budget_s': args.budget_s, 'tiny': args.tiny,
@@ -894,14 +1025,19 @@ def parent_main(args):
   with open(log_path, 'a') as log:
     for name in names:
       left = deadline - time.time()
-      kind, cap, _, _ = ITEMS[name]
+      base, _, variant = name.partition('@')
+      if base not in ITEMS or variant not in ('', 'noflags'):
+        raise SystemExit(f'unknown item {name!r}: {", ".join(ITEMS)}, each optionally with '
+                         "'@noflags' (JAX only, without --xla_flags: the control of a flag)")
+      kind, cap, _, _ = ITEMS[base]
+      item_env = env if variant != 'noflags' else base_env
       if left < MIN_START_S.get(kind, MIN_ITEM_S):
         report['items'][name] = {'kind': kind, 'status': f'skipped: {left:.0f} s of the '
                                  'budget left'}
         print(f'{name}: skipped ({left:.0f} s left)', flush=True)
         save()
         continue
-      timeout = min(cap, left)
+      timeout = min(cap * (3 if args.tiny else 1), left)   # toy sizes on a CPU run slower
       result_path = os.path.join(work, f'{name}.json')
       cmd = [sys.executable, os.path.abspath(__file__), '--child', name, '--result',
              result_path, '--deadline', str(time.time() + timeout - 5)]
@@ -911,8 +1047,8 @@ def parent_main(args):
       log.flush()
       t0 = time.time()
       try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=item_env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout)
         status = 'ok' if proc.returncode == 0 else f'exit {proc.returncode}'
       except subprocess.TimeoutExpired:
         status = f'timed out after {timeout:.0f} s (partial results kept)'
@@ -952,8 +1088,13 @@ def main():
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--result', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--deadline', type=float, default=0.0, help=argparse.SUPPRESS)
+  parser.add_argument('--cpu_flops', default=None, metavar='REPORT.json',
+                      help="add XLA's FLOPs per step, counted on the CPU backend, and the "
+                      'MFU that follows to a report (where the GPU client gave none)')
   args = parser.parse_args()
-  if args.child:
+  if args.cpu_flops:
+    cpu_flops(args.cpu_flops)
+  elif args.child:
     child_main(args)
   else:
     parent_main(args)
