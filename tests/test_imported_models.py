@@ -159,22 +159,28 @@ def test_configs_without_the_fields_are_left_alone():
 
 
 @pytest.mark.slow  # subprocesses of main.py
-def test_main_trains_an_imported_network_by_import_path(nets, tmp_path):
+def test_main_distils_imported_networks_by_import_path(nets, tmp_path):
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path), ROOT])}
-  common = [sys.executable, 'main.py', '--config=configs/default.py',
-            '--config.dataset=digits', f'--config.model={nets}:Net', '--config.batch_size=16',
-            '--config.eval_batch_size=64', '--config.train_subset=32', '--config.num_epochs=1']
-  proc = subprocess.run(
-      [*common, f'--workdir={tmp_path / "alone"}', '--config.model_outputs=stage1,stage2'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  main = [sys.executable, 'main.py', '--config=configs/default.py', '--config.dataset=digits',
+          '--config.batch_size=16', '--config.eval_batch_size=64', '--config.train_subset=32',
+          '--config.num_epochs=1']
+  run = lambda *args: subprocess.run([*main, *args], cwd=ROOT, env=env, capture_output=True,
+                                     text=True, timeout=600, check=False)
+  # The teacher alone (its outputs are not needed, and harmless).
+  proc = run(f'--workdir={tmp_path / "teacher"}', f'--config.model={nets}:Teacher',
+             '--config.model_outputs=stage1,stage2')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'Done: final top-1' in proc.stderr
-  assert (tmp_path / 'alone' / 'final').is_dir()
-  proc = subprocess.run(
-      [*common, f'--workdir={tmp_path / "kd"}', '--config.method=reviewkd',
-       f'--config.teacher={nets}:Teacher', '--config.teacher_outputs=stage1,stage2',
-       f'--config.teacher_checkpoint={tmp_path / "alone"}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert 'Done: final top-1' in proc.stderr and (tmp_path / 'teacher' / 'final').is_dir()
+  kd = [f'--workdir={tmp_path / "kd"}', '--config.method=reviewkd', f'--config.model={nets}:Net',
+        f'--config.teacher={nets}:Teacher', '--config.teacher_outputs=stage1,stage2',
+        f'--config.teacher_checkpoint={tmp_path / "teacher"}']
+  # ReviewKD without the student's outputs: refused before anything runs.
+  proc = run(*kd)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert "is a model of yours: set config.model_outputs" in proc.stderr
+  assert 'is a model of yours: set config.model_outputs' in proc.stderr
   assert 'Traceback' not in proc.stderr and not (tmp_path / 'kd').exists()
+  # With them: the epoch (two steps) distilled from the teacher trained above.
+  proc = run(*kd, '--config.model_outputs=stage1,stage2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Teacher {nets}:Teacher from best model of {tmp_path / 'teacher'}" in proc.stderr
+  assert 'hcl' in proc.stderr and 'Done: final top-1' in proc.stderr
