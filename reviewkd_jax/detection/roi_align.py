@@ -25,24 +25,11 @@ Level assignment (FPN eq. 1, canonical box 224 at level 4, clamped to [min_level
   Detectron2:  floor(4 + log2(sqrt(area) / 224 + 1e-8))   (`assign_boxes_to_levels`)
 The two differ only for boxes within ~1e-6 relative of a level boundary.
 
-Where we differ: `sampling_ratio` is a fixed Python int >= 1. torchvision's detector uses 2;
-Detectron2 uses 0 ("adaptive": ceil(roi_h / out_h) x ceil(roi_w / out_w) samples per bin, a
-data-dependent count), which has no static shape. With the level mapper a RoI on P3..P5 spans
-14..28 feature pixels per side (about 2x2 to 4x4 adaptive samples per 7x7 bin; P2 takes every
-small box, 1x1 up to 4x4), so the adaptive grid equals our 2x2 only for a minority of RoIs
-(there the outputs are identical up to float rounding). Measured (tests/
-test_detection_roi_heads.py `measure_fixed_vs_adaptive`, run by hand): 1000 COCO-like boxes
-on an 800x1088 image (sqrt(area) log-uniform 16..700 px, aspect 1/3..3; 49% on P2, 19% P3,
-20% P4, 12% P5), Detectron2's level rule, aligned=True, our ratio 2 against the adaptive
-count (torchvision.ops.roi_align with sampling_ratio=0, which `roi_align_maps` reproduces
-exactly). Relative L2 difference ||ours - adaptive|| / ||adaptive|| per RoI (7x7xC):
-  features spatially correlated (Gaussian-blurred noise, sigma 2 px): median 0.018, p90 0.036
-                                 (sigma 1 px):                        median 0.057, p90 0.105
-  white noise (no correlation, the worst case):                       median 0.34,  p90 0.85
-Adaptive picks exactly 2x2 for 6% of these RoIs. With `sampling_ratio=4` the sigma-1 figure
-drops to median 0.025 (white noise 0.10) at 4x the gathers. So typically a few percent
-relative on real (smooth) FPN features; Detectron2-trained weights see slightly different
-RoI features than they were trained with (effect on AP not measured here).
+Sampling count: `sampling_ratio` >= 1 is a fixed count per bin side (torchvision's detector
+uses 2); 0 is Detectron2's adaptive count, ceil(roi side / bins), which has no static shape:
+here it is computed per RoI and capped at `max_sampling_ratio`, the static bound of the loop
+of gathers (samples past a RoI's own count weigh 0), so it is exact for RoIs under the cap
+and costs cap^2 gathers. docs/detection.md compares the two for fidelity and cost.
 
 `roi_align_maps` is RoIAlign of single-channel maps (ground-truth masks) with the adaptive
 count supported exactly (up to a static cap): bilinear sampling is separable, so a RoI's
