@@ -5,8 +5,10 @@
 
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
+import difflib
 import logging as std_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -17,8 +19,9 @@ import tensorflow as tf
 
 from reviewkd_jax.data.image_folder import register_from_config
 from reviewkd_jax.models.registry import set_outputs_from_config
-from reviewkd_jax.train import SetupError
+from reviewkd_jax.train import EXIT_STOPPED, SetupError, is_stopped, storage_fault
 from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
+from reviewkd_jax.train.progress import NonFiniteLossError
 from reviewkd_jax.train.detection import is_detection, train_detector
 
 FLAGS = flags.FLAGS
@@ -78,19 +81,32 @@ def main(argv):
     raise SystemExit(f'\n{e}') from None
   try:
     if is_detection(FLAGS.config):
-      train_detector(FLAGS.config, FLAGS.workdir)
+      result = train_detector(FLAGS.config, FLAGS.workdir)
     elif is_suite(FLAGS.config):
-      train_suite(FLAGS.config, FLAGS.workdir)
+      result = train_suite(FLAGS.config, FLAGS.workdir)
     else:
-      train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except SetupError as e:
     raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
+  except NonFiniteLossError as e:
+    raise SystemExit(f'\n{e}') from None  # the message says what was kept
+  except Exception as e:  # pylint: disable=broad-except
+    message = storage_fault(e, FLAGS.workdir)
+    if message is None:
+      raise
+    raise SystemExit(f'\n{message}') from None
+  if is_stopped(result):
+    # Stopped before its end (SIGTERM, preemption, stop_after_step): a checkpoint was saved
+    # and rerunning resumes; a distinct exit code so that `main.py ... && next` waits.
+    sys.exit(EXIT_STOPPED)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a `--config.FIELD` override naming no field exits with a clear message."""
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
+    _check_config_file(argv)
+    return remaining
   except flags.IllegalFlagValueError as e:
     # A config file's get_config raised (e.g. a bad `:key=value` argument); ml_collections
     # wraps the error in its traceback, whose last line is 'ValueError: <message>'.
@@ -106,6 +122,26 @@ def parse_flags(argv: list[str]) -> list[str]:
         f'Unknown config field {bad!r} (--config.{bad}). {hint} Config fields are the names '
         f'in configs/default.py and in the config file; overrides cannot add new ones (the '
         f'config is locked).'.replace('  ', ' ')) from None
+
+
+def _check_config_file(argv: list[str]) -> None:
+  """Exits with one line when the --config file cannot be read (ml_collections loads it on
+  first use and reports a missing file as two chained OSErrors)."""
+  try:
+    FLAGS.config.get('task')
+  except OSError as e:
+    given = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+    path = given.split(':', 1)[0]
+    if path and not os.path.exists(path):
+      folder = os.path.dirname(path) or '.'
+      names = (sorted(n for n in os.listdir(folder) if n.endswith('.py'))
+               if os.path.isdir(folder) else [])
+      close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+      hint = f' Did you mean {os.path.join(os.path.dirname(path), close[0])}?' if close else ''
+      raise SystemExit(f'The config file {path} does not exist.{hint} Config files are in '
+                       'configs/ (README: Training).') from None
+    raise SystemExit(f'The config file {path} cannot be read: '
+                     f'{str(e).strip().splitlines()[-1].strip()}') from None
 
 
 if __name__ == '__main__':

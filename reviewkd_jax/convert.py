@@ -53,8 +53,43 @@ def _to_numpy(value: Any) -> np.ndarray:
   return np.asarray(value)
 
 
+class WeightsFileError(ValueError):
+  """A weights file cannot be read as one (a folder, an empty, truncated or foreign file, or
+  one that holds no dict of arrays)."""
+
+
+def _describe(path: str | os.PathLike) -> str:
+  try:
+    return f'{os.path.getsize(path)} bytes'
+  except OSError:
+    return 'unreadable'
+
+
+def check_weights_path(path: str | os.PathLike, kind: str) -> None:
+  """Raises WeightsFileError when `path` is a folder or an empty file, not a `kind` file."""
+  if os.path.isdir(path):
+    raise WeightsFileError(f'{path} is a folder, not a {kind} file: give the file itself.')
+  if os.path.exists(path) and os.path.getsize(path) == 0:
+    raise WeightsFileError(f'{path} is empty (0 bytes), not a {kind} file: copy it again.')
+
+
+def unreadable(path: str | os.PathLike, kind: str, error: Exception) -> WeightsFileError:
+  """Returns the one-line error for a `kind` file whose reader failed with `error`."""
+  text = str(error).strip().splitlines()
+  why = text[0].split('. ')[0][:160] if text else type(error).__name__  # its first sentence
+  if 'Weights only load failed' in why:
+    why = ('not tensors saved by torch.save, or Python objects besides tensors, which are '
+           'never loaded')
+  return WeightsFileError(f'{path} ({_describe(path)}) is not a readable {kind} file '
+                          f'({type(error).__name__}: {why}); it may be truncated or another '
+                          'kind of file: download or copy it again.')
+
+
 def unwrap_state_dict(obj: Any) -> dict[str, Any]:
   """Returns the flat state_dict inside common checkpoint wrappers, `module.` prefixes removed."""
+  if not isinstance(obj, Mapping):
+    raise WeightsFileError(f'The file holds a {type(obj).__name__}, not a state_dict (a dict of '
+                           'named arrays or tensors).')
   while isinstance(obj, Mapping) and not any(hasattr(v, 'shape') for v in obj.values()):
     inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)),
                  None)
@@ -77,8 +112,15 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
     raise ImportError(f'Reading the PyTorch file {path} needs PyTorch: pip install torch') from e
   if not os.path.exists(path):
     raise FileNotFoundError(f'PyTorch checkpoint {path} does not exist.')
-  obj = torch.load(path, map_location='cpu', weights_only=True)
-  return unwrap_state_dict(obj)
+  check_weights_path(path, 'PyTorch weights (.pt/.pth)')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise unreadable(path, 'PyTorch weights (.pt/.pth)', e) from None
+  try:
+    return unwrap_state_dict(obj)
+  except WeightsFileError as e:
+    raise WeightsFileError(f'{path}: {e}') from None
 
 
 def _flax_leaf(name: str, value: np.ndarray) -> tuple[str, str, np.ndarray] | None:

@@ -60,3 +60,22 @@ def test_non_finite_loss_names_the_step():
   logger.add(_metrics(float('nan')))
   with pytest.raises(progress.NonFiniteLossError, match='Non-finite loss at step 2 '):
     logger.flush(2)
+
+
+def test_a_line_after_the_first_step_alone_gives_no_speed_rather_than_zero(caplog):
+  # A resumed run logging at its first step: only the compiling step, which is not timed.
+  clock, writer = _Clock(), _Writer()
+  logger = progress.MetricLogger(writer, total_steps=100, steps_per_epoch=10, global_batch=8,
+                                 clock=clock)
+  clock.now += 30.0
+  logger.add(_metrics())
+  with caplog.at_level('INFO'):
+    first = logger.flush(51)
+  assert np.isnan(first['steps_per_sec']) and np.isnan(first['eta_hours'])
+  assert 'steps_per_sec' not in {k.split('/')[1] for k in writer.scalars[0][1]}
+  line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith('step 51'))
+  assert 'speed from the next line on' in line and 'ETA ?' in line
+  for _ in range(4):
+    clock.now += 2.0
+    logger.add(_metrics())
+  assert logger.flush(55)['steps_per_sec'] == pytest.approx(0.5)

@@ -60,6 +60,10 @@ MISTAKES = {
                              "got 'train'"]),
     'bad_dtype': ((['--config.dtype=float16'], None),
                   ["config.dtype must be one of ('float32', 'bfloat16'), got 'float16'"]),
+    'batch_size_zero': ((['--config.batch_size=0'], None),
+                        ['config.batch_size must be >= 1, got 0.']),
+    'train_subset_below_one_batch': ((['--config.train_subset=5'], None),
+                                     ['config.train_subset=5 is smaller than one batch']),
     'missing_teacher_checkpoint': ((['--config.method=reviewkd', '--config.teacher=resnet20',
                                      '--config.teacher_checkpoint=/nonexistent/teacher'], None),
                                    ['No checkpoint at /nonexistent/teacher']),
@@ -94,3 +98,37 @@ def test_workdir_of_another_experiment_is_left_as_it_was(tmp_path):
   _assert_refused(_main(workdir), 'holds the checkpoints of a different run',
                   "model: 'resnet20' in the checkpoint, 'resnet8' in the config")
   assert snapshot(workdir) == before
+
+
+def test_config_file_typo_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/defualt.py', f'--workdir={tmp_path / "run"}'],
+      cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
+      timeout=300, check=False)
+  _assert_refused(proc, 'The config file configs/defualt.py does not exist. Did you mean '
+                  'configs/default.py?')
+  assert 'OSError' not in proc.stderr
+
+
+def test_unreadable_teacher_file_is_one_line_naming_it(tmp_path):
+  bad = tmp_path / 'teacher.pth'
+  bad.write_bytes(np.random.default_rng(0).bytes(4096))
+  proc = _main(tmp_path / 'run', '--config.method=reviewkd', '--config.teacher=resnet20',
+               f'--config.teacher_checkpoint={bad}')
+  _assert_refused(proc, f'{bad} (4096 bytes) is not a readable PyTorch weights (.pt/.pth) file')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_workdir_that_cannot_be_written_is_one_message(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  _assert_refused(_main(tmp_path / 'a_file' / 'run'), f'The workdir {tmp_path / "a_file" / "run"} '
+                  'cannot be written', 'give a --workdir you can write to')
+
+
+def test_stopped_run_exits_with_its_own_code_and_a_nan_loss_with_one_message(tmp_path):
+  stopped = _main(tmp_path / 'stopped', '--config.stop_after_step=1')
+  assert stopped.returncode == 75, stopped.stderr[-3000:]
+  assert 'Stopped at step 1 of' in stopped.stderr and 'Traceback' not in stopped.stderr
+  nan = _main(tmp_path / 'nan', '--config.learning_rate=1e30', '--config.log_every_steps=1',
+              '--config.checkpoint_every_steps=1')
+  _assert_refused(nan, 'Non-finite loss at step', 'The last good checkpoint (step ')

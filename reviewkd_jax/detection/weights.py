@@ -215,13 +215,21 @@ def _fc1_value(weight: np.ndarray, channels: int, roi_flatten: str) -> np.ndarra
 
 def read_detectron2_pkl(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Returns the {name: array} of a Detectron2 model-zoo `.pkl` (pickle and numpy only)."""
-  with open(path, 'rb') as f:
-    obj = pickle.load(f, encoding='latin1')
+  kind = 'Detectron2 model-zoo weights (.pkl)'
+  convert.check_weights_path(path, kind)
+  try:
+    with open(path, 'rb') as f:
+      obj = pickle.load(f, encoding='latin1')
+  except Exception as e:  # pylint: disable=broad-except
+    raise convert.unreadable(path, kind, e) from None
   if isinstance(obj, Mapping) and 'blobs' in obj and 'model' not in obj:
     raise StateDictMismatchError(
         f'{path} is a Detectron (v1) / Caffe2 blob file (key "blobs"); only Detectron2 '
         'model-zoo files ({"model": {name: array}}) are supported.')
-  sd = convert.unwrap_state_dict(obj)
+  try:
+    sd = convert.unwrap_state_dict(obj)
+  except convert.WeightsFileError as e:
+    raise convert.WeightsFileError(f'{path}: {e}') from None
   return {k: np.asarray(v) for k, v in sd.items()}
 
 
@@ -467,9 +475,16 @@ def load_detector_weights(path_or_state_dict: str | os.PathLike | Mapping[str, A
   kept = [p for p in flat_out if p not in filled_leaves]
   abstract_kept = [p for p in kept if isinstance(flat_template[p], jax.ShapeDtypeStruct)]
   if abstract_kept:
+    where = (f'{os.fspath(path_or_state_dict)}: '
+             if isinstance(path_or_state_dict, (str, os.PathLike)) else '')
+    what = ('an ImageNet classification backbone, not a detector' if source == 'imagenet' else
+            'only part of a detector')
     raise StateDictMismatchError(
-        'A partial load needs concrete template values for what the file lacks; these are '
-        f'abstract: {_summarise(["/".join(p) for p in abstract_kept])}')
+        f'{where}these {source} weights are {what}: they lack {len(abstract_kept)} of its '
+        f'arrays ({_summarise(["/".join(p) for p in abstract_kept])}), and a load without '
+        'initial values (a frozen teacher) has nothing to take those from. Give a whole '
+        'detector: a Detectron2 model-zoo .pkl, a torchvision detection .pth, or the final/ '
+        'folder of a run of this trainer. (A partial load needs concrete template values.)')
   for p in kept:
     flat_out[p] = np.asarray(flat_template[p])
 

@@ -17,7 +17,9 @@ The methods themselves (what a method adds to the student and its loss) are
 from reviewkd_jax.distill import get_method, list_methods
 from reviewkd_jax.train.setup import RunSetup, build_run, check_config
 from reviewkd_jax.train.suite import is_suite, train_suite
-from reviewkd_jax.train.trainer import RunResult, SetupError, train_and_evaluate
+from reviewkd_jax.train.trainer import (EXIT_STOPPED, RunResult, SetupError, is_stopped,
+                                        storage_fault, train_and_evaluate)
 
-__all__ = ['RunResult', 'RunSetup', 'SetupError', 'build_run', 'check_config', 'get_method', 'is_suite',
-           'list_methods', 'train_and_evaluate', 'train_suite']
+__all__ = ['EXIT_STOPPED', 'RunResult', 'RunSetup', 'SetupError', 'build_run', 'check_config',
+           'get_method', 'is_stopped', 'is_suite', 'list_methods', 'storage_fault',
+           'train_and_evaluate', 'train_suite']

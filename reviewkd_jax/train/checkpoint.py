@@ -275,14 +275,17 @@ def model_directory(path: str) -> epath.Path:
   """Returns the labelled-model folder that `path` names.
 
   `path` is a run's workdir (its `best` model is used, as the authors' teachers are their
-  best checkpoints; name `<workdir>/final` for the last one) or a `best`/`final` folder.
+  best checkpoints, else its `final` one; name `<workdir>/final` for the last one) or a
+  `best`/`final` folder.
   """
   p = epath.Path(path)
   if not p.exists():
     raise FileNotFoundError(f'No checkpoint at {path}.')
   if (p / BEST).exists():
     return p / BEST
-  if any(c.name.isdigit() for c in p.iterdir()):
+  if (p / FINAL).exists():  # a run that keeps no best model (detection)
+    return p / FINAL
+  if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()):
     return p
   raise FileNotFoundError(
       f'{path} holds no model saved by this project: expected a run workdir with a '

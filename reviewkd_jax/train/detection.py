@@ -16,6 +16,8 @@ evaluates the loaded weights only (a teacher's AP).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import flax
@@ -39,12 +41,22 @@ from reviewkd_jax.detection import model as model_lib
 from reviewkd_jax.detection import weights as weights_lib
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
+from reviewkd_jax.train import setup as setup_lib
 from reviewkd_jax.train import state as state_lib
-from reviewkd_jax.train.trainer import SetupError, StopSignal, flat_hparams, run_in_workdir
+from reviewkd_jax.train.trainer import (SETTINGS, SetupError, StopSignal, check_same_settings,
+                                        flat_hparams, last_good_hint, run_in_workdir,
+                                        trained_settings)
 
 # What the detector reads of a batch (the rest stays on the host, for evaluation).
 _TRAIN_KEYS = ('image', 'image_size', 'boxes', 'labels', 'gt_valid', 'masks')
-# A checkpoint is resumed only by a run with the same values of these config fields.
+# A checkpoint is resumed only by a run with the same config (after the input conventions are
+# resolved), but for these fields: how the run logs, evaluates, checkpoints, where it stops and
+# where it reads its files, not what it trains (the lr steps are absolute, so `max_steps` may
+# grow or shrink).
+RESUMABLE_FIELDS = ('data_dir', 'annotations_dir', 'prefetch_batches', 'eval_batch_size',
+                    'eval_subset', 'max_steps', 'log_every_steps', 'eval_every_steps',
+                    'checkpoint_every_steps', 'keep_checkpoints', 'stop_after_step')
+# Checkpoints saved without the config's settings are compared on these fields.
 _RESUME_KEYS = ('dataset', 'backbone', 'mask', 'convention', 'batch_size', 'seed',
                 'max_steps', 'train_subset', 'method', 'teacher_backbone')
 METHODS = ('none', 'reviewkd', 'kd', 'fitnet', 'fgfi')
@@ -339,6 +351,7 @@ def train_detector(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _set_up(config, workdir: str, devices) -> _Setup:
   """Builds the run and reads the workdir, writing nothing."""
+  _check_values(config)
   config = resolve_input_conventions(config)
   mesh = state_lib.make_mesh(devices)
   for name in ('batch_size', 'eval_batch_size'):
@@ -365,6 +378,7 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   data_config = det_data.DetectionDataConfig.from_config(config, masks=config.mask)
   pipeline = det_data.create_detection_pipeline(
       data_config, process_index=jax.process_index(), process_count=jax.process_count())
+  _check_coco_annotations(data_config)
   module = model_lib.RCNN(detector_config(config, pipeline.num_classes))
   image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
 
@@ -401,7 +415,8 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   state = jax.device_put(state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
-  run_meta = {k: config[k] for k in _RESUME_KEYS}
+  run_meta = {**{k: config[k] for k in _RESUME_KEYS},
+              SETTINGS: trained_settings(config, RESUMABLE_FIELDS)}
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   report = None
   try:
@@ -428,6 +443,76 @@ def _set_up(config, workdir: str, devices) -> _Setup:
                 teacher_variables=teacher_variables, head=head)
 
 
+def _check_values(config) -> None:
+  """Raises ValueError for a count out of range or a pad size no resized image fits in."""
+  setup_lib.check_counts(config, at_least_one=('batch_size', 'eval_batch_size', 'max_boxes',
+                                               'log_every_steps'),
+                         at_least_zero=('max_steps', 'train_subset', 'keep_checkpoints', 'eval_subset',
+                                        'eval_every_steps', 'checkpoint_every_steps',
+                                        'stop_after_step'))
+  if config.weights and epath.Path(config.weights).is_dir():
+    raise ValueError(
+        f'config.weights={config.weights!r} is a folder, not a weights file: give a Detectron2 '
+        'model-zoo .pkl or a torchvision detection or ImageNet .pth (a run\'s final/ folder '
+        'serves as a teacher, config.teacher_weights).')
+  # Every image's shorter side is resized to (up to) these, capped by the max sizes; an image
+  # no taller than wide or the reverse then needs at least this much on both pad sides.
+  need = max(min(max(config.train_min_sizes), config.train_max_size),
+             min(config.test_min_size, config.test_max_size))
+  if min(config.pad_size) < need:
+    raise ValueError(
+        f'config.pad_size={tuple(config.pad_size)} is smaller than the resized images: their '
+        f'shorter side becomes up to {need} (train_min_sizes={tuple(config.train_min_sizes)}, '
+        f'test_min_size={config.test_min_size}, capped at train_max_size/test_max_size); '
+        f'raise pad_size to at least ({need}, {need}) (a multiple of 32), or lower the sizes.')
+
+
+def check_annotation_json(path: str, *, parse: bool) -> None:
+  """Raises ValueError naming `path` when a COCO instances json is empty, cut short or not
+  COCO's: with `parse`, reads it whole (the evaluation file, ~25 MB); else only checks that
+  it opens and closes as one JSON object (the training file, ~450 MB, read when masks are)."""
+  def broken(why):
+    return ValueError(f'The COCO annotation file {path} is {why}: download '
+                      f'{det_data.ANNOTATIONS_URL} and unzip it again (or fix '
+                      'config.annotations_dir).')
+  size = os.path.getsize(path)
+  if size == 0:
+    raise broken('empty (0 bytes)')
+  if not parse:
+    with open(path, 'rb') as f:
+      head = f.read(64).lstrip()
+      f.seek(max(0, size - 64))
+      tail = f.read().rstrip()
+    if not (head.startswith(b'{') and tail.endswith(b'}')):
+      raise broken(f'not one whole JSON object ({size} bytes; cut short?)')
+    return
+  try:
+    with open(path, 'rb') as f:
+      content = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise broken(f'not valid JSON ({size} bytes; {str(e).splitlines()[0][:120]})') from None
+  missing = [k for k in ('images', 'annotations', 'categories')
+             if not isinstance(content, dict) or not isinstance(content.get(k), list)]
+  if missing:
+    raise broken(f'not a COCO instances file (no {", ".join(missing)} list)')
+
+
+def _check_coco_annotations(data_config: det_data.DetectionDataConfig) -> None:
+  """Checks COCO's annotation files at setup, not at the first evaluation or mask batch (a
+  missing one is reported by the pipeline where it is needed)."""
+  if not data_config.dataset.startswith('coco/'):
+    return
+  splits = [(data_config.eval_split, True)]
+  if data_config.masks:
+    splits.append((data_config.train_split, False))
+  for split, parse in splits:
+    try:
+      path = det_data.annotation_file(data_config, split)
+    except det_data.DetectionDataNotFoundError:
+      continue
+    check_annotation_json(path, parse=parse)
+
+
 def _load_teacher(config, teacher: model_lib.RCNN) -> Any:
   """Returns the frozen teacher's variables from `config.teacher_weights`: a Detectron2 or
   torchvision file, or a `final`/`best` folder (or workdir) of a run of this trainer."""
@@ -447,8 +532,10 @@ def _load_teacher(config, teacher: model_lib.RCNN) -> Any:
 
 
 def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
-  changed = [f'{k}: {meta.get(k)!r} in the checkpoint, {v!r} in the config'
-             for k, v in run_meta.items() if meta.get(k) != v]
+  if check_same_settings(meta, run_meta[SETTINGS], workdir, RESUMABLE_FIELDS):
+    return
+  changed = [f'{k}: {meta.get(k)!r} in the checkpoint, {run_meta[k]!r} in the config'
+             for k in _RESUME_KEYS if meta.get(k) != run_meta[k]]
   if changed:
     raise checkpoint_lib.OtherRunError(
         f'{workdir} holds the checkpoints of a different run ({"; ".join(changed)}), which '
@@ -504,7 +591,7 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
   logger = progress.MetricLogger(
       writer, total_steps=total, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size,
-      nonfinite_hint=lambda: f'The newest checkpoint is step {ckpts.latest_step()}.')
+      nonfinite_hint=lambda: last_good_hint(ckpts))
   meta = lambda s: {**setup.run_meta, 'step': s}  # noqa: E731
   stop_at = min(total, config.stop_after_step or total)
   split = state_lib.batch_sharded(mesh)

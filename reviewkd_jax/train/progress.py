@@ -105,25 +105,31 @@ class MetricLogger:
     elapsed = self._clock() - self._t0
     self._timed_steps += timed
     self._train_total += elapsed
+    # No timed step yet (a flush right after the compiling first step, e.g. after a resume):
+    # no speed and no ETA rather than 0 steps/s and an ETA of years.
     steps_per_sec = (timed / elapsed if timed and elapsed > 0 else
-                     self._timed_steps / max(self._train_total, 1e-9))
+                     self._timed_steps / self._train_total
+                     if self._timed_steps and self._train_total > 0 else float('nan'))
     # ETA: the remaining steps at this speed, plus evaluation/checkpoint time at the rate
     # seen so far per step.
     overhead = self._paused_total / max(step, 1)
-    eta = (self._total - step) * (1 / max(steps_per_sec, 1e-9) + overhead)
+    eta = ((self._total - step) * (1 / max(steps_per_sec, 1e-9) + overhead)
+           if math.isfinite(steps_per_sec) else float('nan'))
     paused = {f'{k}_seconds': v for k, v in sorted(self._paused.items())}
     means.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * self._batch,
                  epoch=step / self._per_epoch, eta_hours=eta / 3600, **paused)
-    self._writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    self._writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()
+                                      if math.isfinite(v) or k.startswith('loss')})
     losses = ', '.join(f'{k[5:]} {v:.4f}' for k, v in means.items() if k.startswith('loss_'))
     extra = f' lambda {means["lambda"]:.3f}' if 'lambda' in means else ''
     other = ''.join(f', {k} {format_duration(v)}' for k, v in sorted(self._paused.items()))
     top1 = f' | top-1 {means["top1"]:.2f}%' if 'top1' in means else ''
+    speed = (f'{steps_per_sec:.2f} steps/s, {means["images_per_sec"]:.0f} img/s'
+             if math.isfinite(steps_per_sec) else 'speed from the next line on')
     logging.info(
-        'step %d/%d (epoch %.2f) | loss %.4f (%s)%s%s | lr %.4g | %.2f steps/s, '
-        '%.0f img/s (training only%s) | ETA %s', step, self._total, step / self._per_epoch,
-        means['loss'], losses, extra, top1, means['lr'], steps_per_sec,
-        means['images_per_sec'], other, format_duration(eta))
+        'step %d/%d (epoch %.2f) | loss %.4f (%s)%s%s | lr %.4g | %s (training only%s) | '
+        'ETA %s', step, self._total, step / self._per_epoch, means['loss'], losses, extra,
+        top1, means['lr'], speed, other, format_duration(eta))
     self.history.append({'step': step, **means})
     self._pending = []
     self._paused = {}

@@ -43,13 +43,29 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None
                      f'{config.teacher_bn_mode!r}.')
   if config.dtype not in DTYPES:
     raise ValueError(f'config.dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}.')
-  if config.num_epochs < 1:
-    raise ValueError(f'config.num_epochs must be >= 1, got {config.num_epochs}.')
+  check_counts(config, at_least_one=('num_epochs', 'batch_size', 'eval_batch_size',
+                                      'log_every_steps', 'eval_every_epochs',
+                                      'checkpoint_every_epochs'),
+               at_least_zero=('train_subset', 'keep_checkpoints', 'checkpoint_every_steps', 'stop_after_step'))
   for name in ('batch_size', 'eval_batch_size'):
     if mesh is not None and config[name] % mesh.size:
       raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
                        f'devices ({mesh.size}).')
   return method
+
+
+def check_counts(config: ml_collections.ConfigDict, *, at_least_one: tuple[str, ...],
+                 at_least_zero: tuple[str, ...]) -> None:
+  """Raises ValueError naming the first count field out of range, and a `train_subset` that
+  does not make one batch."""
+  for names, low in ((at_least_one, 1), (at_least_zero, 0)):
+    for name in names:
+      if config[name] < low:
+        raise ValueError(f'config.{name} must be >= {low}, got {config[name]}.')
+  if 0 < config.train_subset < config.batch_size:
+    raise ValueError(f'config.train_subset={config.train_subset} is smaller than one batch '
+                     f'(config.batch_size={config.batch_size}): no training step would run; '
+                     'give at least one batch of examples, or 0 for the whole training set.')
 
 
 @dataclasses.dataclass

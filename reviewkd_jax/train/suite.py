@@ -17,7 +17,7 @@ from absl import logging
 from etils import epath
 
 from reviewkd_jax.train.detection import is_detection, train_detector
-from reviewkd_jax.train.trainer import RunResult, train_and_evaluate
+from reviewkd_jax.train.trainer import RunResult, SetupError, is_stopped, train_and_evaluate
 
 PLOT_FILE = 'accuracy.png'
 
@@ -35,8 +35,15 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
   from a teacher an earlier run trained. Prints and writes (`summary.json`) the final and
   best top-1 of every run; with `config.groups` (name -> run names) and `config.compare`
   (two group names), also each group's mean and spread and the difference of the two means,
-  in one sentence; and plots every run's evaluations (`accuracy.png`).
+  in one sentence (over the runs of `run_order`: a subset leaves out what it lacks); and
+  plots every run's evaluations (`accuracy.png`). A run that stops before its end (SIGTERM,
+  preemption, `stop_after_step`) stops the suite there, without a summary; a run that fails
+  raises.
   """
+  unknown = [name for name in config.run_order if name not in config.runs]
+  if unknown:
+    raise SetupError(f'config.run_order names {", ".join(map(repr, unknown))}, which this suite '
+                     f'does not define; its runs are {", ".join(config.runs)}.')
   results = {}
   for name in config.run_order:
     run = copy.deepcopy(config.runs[name])
@@ -50,6 +57,13 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info('=== %s: %s (method %s) in %s/%s', name, run.model, run.method, workdir,
                    name)
       results[name] = train_and_evaluate(run, f'{workdir}/{name}', devices=devices)
+    if is_stopped(results[name]):
+      later = config.run_order[list(config.run_order).index(name) + 1:]
+      logging.warning('The suite stops with %s, which stopped at step %d of %d%s; rerun with '
+                      'the same --workdir to continue.', name, results[name].step,
+                      results[name].total_steps,
+                      f' ({", ".join(later)} not started)' if later else '')
+      return results
   metric = _metric(config)
   summary = {'runs': _run_summaries(config, results)}
   if metric['key'] == 'top1':
@@ -64,14 +78,16 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
     for name, row in summary['runs'].items():
       lines.append(f'  {name:<12} {row["who"]:<44} {row["final"]:6.2f} / '
                    f'{row["final_mask_ap"]:6.2f}')
-  if 'groups' in config:
-    summary['groups'] = {group: _group_stats([summary['runs'][n]['final'] for n in names])
-                         for group, names in config.groups.items()}
+  if 'groups' in config:  # over the runs of run_order; a group of none of them is left out
+    summary['groups'] = {group: _group_stats([summary['runs'][n]['final'] for n in names
+                                              if n in summary['runs']])
+                         for group, names in config.groups.items()
+                         if any(n in summary['runs'] for n in names)}
     for group, stats in summary['groups'].items():
       lines.append(f'  {group}: {stats["mean"]:.2f}{metric["unit"]} +- {stats["std"]:.2f} '
                    f'(final {metric["name"]}, mean +- standard deviation over {stats["count"]} '
                    'runs)')
-  if 'compare' in config:
+  if 'compare' in config and all(g in summary.get('groups', {}) for g in config.compare):
     lines.append(_comparison(config, summary))
   if jax.process_index() == 0:
     print('\n'.join(lines), flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import signal
 import threading
 from typing import Any
@@ -28,11 +29,77 @@ from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import step as step_lib
 from reviewkd_jax.train import teacher as teacher_lib
 
-# A checkpoint is only resumed by a run that would replay the same steps: these fields of
-# its metadata must equal the config's.
+# A checkpoint is only resumed by a run that would replay the same steps: every config field
+# is saved with it (`SETTINGS`) and must be equal on resume, except these, which change how a
+# run logs, evaluates, checkpoints, where it stops and where it reads its files, not what it
+# trains.
+RESUMABLE_FIELDS = ('data_dir', 'prefetch_batches', 'eval_batch_size', 'eval_teacher',
+                    'num_epochs', 'log_every_steps', 'eval_every_epochs',
+                    'checkpoint_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
+                    'stop_after_step')
+SETTINGS = 'settings'  # the meta key of a checkpoint's config fields
+# Checkpoints saved without `SETTINGS` are compared on these fields of their metadata, and
+# the method's own `run_fields` (distill.base.Method).
 _RESUME_KEYS = ('dataset', 'train_subset', 'model', 'method', 'teacher', 'batch_size',
                 'steps_per_epoch', 'seed')
-# ... and the method's own `run_fields` (distill.base.Method).
+
+
+# The exit code of main.py for a run (or suite) stopped before its end with a checkpoint saved
+# (SIGTERM, a preemption notice, config.stop_after_step): rerunning resumes. EX_TEMPFAIL.
+EXIT_STOPPED = 75
+
+
+def is_stopped(result: Any) -> bool:
+  """Returns True for a run's result (or a suite's {name: result}) stopped before its end."""
+  if isinstance(result, dict):
+    return any(is_stopped(r) for r in result.values())
+  return result.final is None
+
+
+# What a failed write says, wherever in the exception chain it is (OS, TensorFlow, TensorStore).
+_STORAGE_FAULTS = (
+    (('No space left on device', 'RESOURCE_EXHAUSTED', 'Disk quota exceeded'),
+     'the disk is full', 'free some space'),
+    (('Permission denied', 'Read-only file system', 'PERMISSION_DENIED'),
+     'the workdir cannot be written', 'make it writable (or give another --workdir)'),
+)
+
+
+def storage_fault(error: BaseException, workdir: str) -> str | None:
+  """Returns one message for a run that stopped because its workdir could not be written (disk
+  full, no permission), saying what was kept, or None for any other error.
+
+  A checkpoint or model folder left half-written by the failed save (orbax's
+  `*.orbax-checkpoint-tmp*`) is removed: only complete saves remain.
+  """
+  seen, chain, e = set(), [], error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for texts, what, action in _STORAGE_FAULTS:
+    hit = next((e for e in chain if any(t in str(e) for t in texts)), None)
+    if hit is None:
+      continue
+    root = epath.Path(workdir)
+    removed = []
+    for folder in (checkpoint_lib.STATE_DIR, *checkpoint_lib.MODEL_LABELS):
+      if (root / folder).is_dir():
+        for partial in (root / folder).glob('*.orbax-checkpoint-tmp*'):
+          try:
+            partial.rmtree() if partial.is_dir() else partial.unlink()
+            removed.append(partial.name)
+          except OSError:
+            pass
+    steps = (sorted(int(p.name) for p in (root / checkpoint_lib.STATE_DIR).iterdir()
+                    if p.name.isdigit()) if (root / checkpoint_lib.STATE_DIR).is_dir() else [])
+    kept = (f'the checkpoints saved before are intact (newest: step {steps[-1]} in '
+            f'{root / checkpoint_lib.STATE_DIR})' if steps else 'no checkpoint had been saved')
+    cleaned = f', the half-written {", ".join(removed)} removed' if removed else ''
+    first = str(hit).strip().splitlines()[0][:200] if str(hit).strip() else type(hit).__name__
+    return (f'The run stopped because {what} ({first}): {kept}{cleaned}. {action[0].upper()}'
+            f'{action[1:]} and rerun with the same --workdir to resume.')
+  return None
 
 
 @dataclasses.dataclass
@@ -95,6 +162,50 @@ def flat_hparams(config: ml_collections.ConfigDict) -> dict:
   return flat
 
 
+def _json_value(value: Any) -> Any:
+  """Returns `value` as JSON stores it (tuples as lists, ConfigDicts as dicts)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.loads(json.dumps(value, default=str))
+
+
+def trained_settings(config: ml_collections.ConfigDict, resumable: tuple[str, ...]) -> dict:
+  """Returns {field: value as JSON stores it} of every config field not in `resumable`."""
+  return {k: _json_value(v) for k, v in config.items() if k not in resumable}
+
+
+def _shown(value: Any) -> str:
+  """Returns a stored config value as the config file spells it (lists as tuples)."""
+  def tuples(v):
+    return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  return repr(tuples(value))
+
+
+def _override(field: str, value: Any) -> str:
+  text = value if isinstance(value, str) else _shown(value)
+  return f"--config.{field}='{text}'" if (' ' in text or not text) else f'--config.{field}={text}'
+
+
+def check_same_settings(meta: dict, settings: dict, workdir: str,
+                        resumable: tuple[str, ...]) -> bool:
+  """Raises OtherRunError, in one sentence naming each field, both values and what to do,
+  when a checkpoint's saved `SETTINGS` differ from `settings`; returns False when the
+  checkpoint saved none (it predates them: the caller compares what it has)."""
+  stored = meta.get(SETTINGS)
+  if stored is None:
+    return False
+  changed = sorted(k for k in settings.keys() & stored.keys() if settings[k] != stored[k])
+  if changed:
+    differences = '; '.join(f'{k}: {_shown(stored[k])} in the checkpoint, '
+                            f'{_shown(settings[k])} in the config' for k in changed)
+    overrides = ' '.join(_override(k, stored[k]) for k in changed)
+    raise checkpoint_lib.OtherRunError(
+        f'{workdir} holds the checkpoints of a different run ({differences}), which this '
+        f'config would not continue: use a new --workdir, or resume with the checkpoint\'s '
+        f'settings ({overrides}); only {", ".join(resumable)} may change on resume.')
+  return True
+
+
 class SetupError(ValueError):
   """A run cannot start as configured (config, data, teacher, workdir); the message says what
   to change. Raised before anything in the workdir is written."""
@@ -132,9 +243,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def run_in_workdir(workdir: str, ckpts: checkpoint_lib.RunCheckpoints, body):
   """Returns `body(writer)` run with the workdir created and a metric writer open (TensorBoard
-  files from process 0; every process logs its progress lines), closing both afterwards."""
+  files from process 0; every process logs its progress lines), closing both afterwards.
+  A workdir that cannot be created or written is a SetupError."""
   try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      probe = epath.Path(workdir) / f'.write_check_{jax.process_index()}'  # one per process
+      probe.write_text('')
+      probe.unlink(missing_ok=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise SetupError(f'The workdir {workdir} cannot be written ({str(e).strip()[:200]}): '
+                       'give a --workdir you can write to.') from None
     writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
               if jax.process_index() == 0 else metric_writers.MultiWriter([]))
     try:
@@ -167,7 +286,8 @@ def _set_up(config, workdir: str, devices) -> _Setup:
               'teacher': config.teacher, 'batch_size': config.batch_size,
               'steps_per_epoch': run.steps_per_epoch, 'seed': config.seed,
               'num_classes': spec.num_classes,
-              **{k: config[k] for k in run.method.run_fields}}
+              **{k: config[k] for k in run.method.run_fields},
+              SETTINGS: trained_settings(config, RESUMABLE_FIELDS)}
   # The workdir: another experiment's is refused before any array is read.
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
@@ -199,6 +319,13 @@ def _check_same_run(meta: dict, run_meta: dict, run_fields: dict, workdir: str) 
 
   `run_fields` are the method's own fields, with the value a checkpoint lacking one implies.
   """
+  if check_same_settings(meta, run_meta[SETTINGS], workdir, RESUMABLE_FIELDS):
+    if meta.get('steps_per_epoch') != run_meta['steps_per_epoch']:
+      raise checkpoint_lib.OtherRunError(
+          f'{workdir} holds the checkpoints of a run of {meta.get("steps_per_epoch")} steps per '
+          f'epoch, this config makes {run_meta["steps_per_epoch"]} (another training set), '
+          'which this config would not continue: use a new --workdir.')
+    return
   stored = {k: meta.get(k, run_fields.get(k)) for k in (*_RESUME_KEYS, *run_fields)}
   changed = [f'{k}: {v!r} in the checkpoint, {run_meta[k]!r} in the config'
              for k, v in stored.items() if v != run_meta[k]]
@@ -241,7 +368,7 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
   eval_step = run.eval_step()
   logger = progress.MetricLogger(
       writer, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      global_batch=config.batch_size, nonfinite_hint=lambda: _last_good_hint(ckpts))
+      global_batch=config.batch_size, nonfinite_hint=lambda: last_good_hint(ckpts))
   best_meta = ckpts.model_meta(checkpoint_lib.BEST)
   book = _Progress(saved_step=ckpts.latest_step(), last_eval=None,
                    best=({'top1': best_meta['eval_top1'], 'top5': best_meta['eval_top5'],
@@ -308,10 +435,11 @@ def _evaluate_teacher(run, teacher_variables, source, pipeline, writer, step) ->
   return metrics
 
 
-def _last_good_hint(ckpts: checkpoint_lib.RunCheckpoints) -> str:
+def last_good_hint(ckpts: checkpoint_lib.RunCheckpoints) -> str:
   latest = ckpts.latest_step()
   return (f'The last good checkpoint (step {latest}) in {ckpts.state_dir} is intact; rerun '
-          'with the same --workdir to resume from it (e.g. with a lower learning rate).'
+          'with the same --workdir to resume from it (other settings, such as a lower '
+          'learning rate, train in a new --workdir).'
           if latest is not None else 'No checkpoint had been saved yet.')
 
 
