@@ -119,8 +119,8 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
     raise unreadable(path, 'PyTorch weights (.pt/.pth)', e) from None
   try:
     return unwrap_state_dict(obj)
-  except WeightsFileError as e:
-    raise WeightsFileError(f'{path}: {e}') from None
+  except (WeightsFileError, StateDictMismatchError) as e:  # named by the file
+    raise type(e)(f'{path}: {e}') from None
 
 
 def _flax_leaf(name: str, value: np.ndarray) -> tuple[str, str, np.ndarray] | None:

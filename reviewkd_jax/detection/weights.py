@@ -228,8 +228,8 @@ def read_detectron2_pkl(path: str | os.PathLike) -> dict[str, np.ndarray]:
         'model-zoo files ({"model": {name: array}}) are supported.')
   try:
     sd = convert.unwrap_state_dict(obj)
-  except convert.WeightsFileError as e:
-    raise convert.WeightsFileError(f'{path}: {e}') from None
+  except (convert.WeightsFileError, StateDictMismatchError) as e:  # named by the file
+    raise type(e)(f'{path}: {e}') from None
   return {k: np.asarray(v) for k, v in sd.items()}
 
 
