@@ -2,8 +2,16 @@
 
 The repository root is on `sys.path` through pytest's `pythonpath` setting (pyproject.toml),
 so tests import `configs`, `tests.helpers` and `tests.torch_utils` directly.
+
+Compiled programs are shared by every test of a run: JAX's persistent compilation cache
+lives in one folder per run (made here, inherited by pytest-xdist's workers and by the
+`main.py` subprocesses the end-to-end tests start, removed at the end), so a program that
+several tests build (a tiny config's train step, a detector's predict step) compiles once.
+Set JAX_COMPILATION_CACHE_DIR yourself to keep a cache across runs.
 """
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends.
 os.environ.setdefault('XLA_FLAGS', '')
@@ -12,6 +20,14 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:   # the controlling process; workers and subprocesses inherit the folder
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='reviewkd_jax_tests_xla_')
+  os.environ['REVIEWKD_TEST_CACHE_OWNER'] = str(os.getpid())
+# Cache every program that took a quarter second or more to compile, whatever its size.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.25')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
 
@@ -23,3 +39,9 @@ def mock_cifar100():
   from tests.helpers import NUM_MOCK_EXAMPLES  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
     yield
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  """The process that made the run's compilation cache removes it."""
+  if _OWN_CACHE and os.environ.get('REVIEWKD_TEST_CACHE_OWNER') == str(os.getpid()):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
