@@ -55,10 +55,18 @@ def _launched_as_several_processes() -> bool:
 
 
 class _QuietCheckpointer(std_logging.Filter):
-  """Drops orbax's per-save INFO chatter from the console; its warnings still show."""
+  """Drops orbax's per-save INFO chatter from the console; its warnings and errors still show,
+  the errors as their one-line message (a failed write, e.g. a full disk, is logged by each
+  of its threads with a traceback; main() reports the cause once)."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if record.name == 'asyncio' and 'orbax' in record.getMessage():
+      return False  # 'Task exception was never retrieved': the same failed write again
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def main(argv):

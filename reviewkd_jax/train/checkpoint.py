@@ -106,9 +106,9 @@ def _describe_mismatch(bad: list[str]) -> str:
 
 
 def _drop_late_callbacks_of_failed_reads() -> None:
-  """Stops Python printing the harmless aftermath of a failed restore.
+  """Stops Python printing the harmless aftermath of a failed restore (or save).
 
-  When orbax's restore fails, TensorStore reads still in flight later call back into the
+  When orbax's restore or save fails, TensorStore reads still in flight later call back into the
   event loop orbax has closed, and Python prints each as an unraisable 'Event loop is
   closed' RuntimeError (hundreds of tracebacks). Those alone are dropped; any other
   unraisable exception still reaches the previous hook.
@@ -167,6 +167,9 @@ class RunCheckpoints:
     self._state = _manager(self.state_dir, 'state', keep)
     self._models = {label: _manager(root / label, 'variables', 1)
                     for label in MODEL_LABELS}
+    # A failed write's threads call back after the failure surfaced: drop that aftermath from
+    # the start (it can print before the error reaches this class).
+    _drop_late_callbacks_of_failed_reads()
 
   def latest_step(self) -> int | None:
     """Returns the step of the newest TrainState checkpoint, or None."""
@@ -238,19 +241,27 @@ class RunCheckpoints:
     """Saves the TrainState at `step` (blocking: the next step may donate its buffers)."""
     self.state_dir.mkdir(parents=True, exist_ok=True)
     meta = {**meta, DIGESTS: array_digests(state)}
-    self._state.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._state.wait_until_finished()
+    try:
+      self._state.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self._state.wait_until_finished()
+    except BaseException:  # e.g. a full disk: writes in flight outlive orbax's event loop
+      _drop_late_callbacks_of_failed_reads()
+      raise
 
   def save_model(self, label: str, step: int, variables: Any, meta: dict) -> None:
     """Saves a labelled model (`best` or `final`), replacing the previous one."""
     mngr = self._models[label]
     epath.Path(mngr.directory).mkdir(parents=True, exist_ok=True)
-    mngr.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(variables),
-        meta=ocp.args.JsonSave({'label': label, **meta, DIGESTS: array_digests(variables)})),
-        force=True)
-    mngr.wait_until_finished()
+    try:
+      mngr.save(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardSave(variables),
+          meta=ocp.args.JsonSave({'label': label, **meta, DIGESTS: array_digests(variables)})),
+          force=True)
+      mngr.wait_until_finished()
+    except BaseException:
+      _drop_late_callbacks_of_failed_reads()
+      raise
 
   def model_meta(self, label: str) -> dict | None:
     """Returns the meta of the saved `label` model, or None if there is none yet."""

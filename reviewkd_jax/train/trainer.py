@@ -96,8 +96,8 @@ def storage_fault(error: BaseException, workdir: str) -> str | None:
     kept = (f'the checkpoints saved before are intact (newest: step {steps[-1]} in '
             f'{root / checkpoint_lib.STATE_DIR})' if steps else 'no checkpoint had been saved')
     cleaned = f', the half-written {", ".join(removed)} removed' if removed else ''
-    first = str(hit).strip().splitlines()[0][:200] if str(hit).strip() else type(hit).__name__
-    return (f'The run stopped because {what} ({first}): {kept}{cleaned}. {action[0].upper()}'
+    reason = next(t for t in texts if t in str(hit))  # the OS's words where it gave them
+    return (f'The run stopped because {what} ({reason}): {kept}{cleaned}. {action[0].upper()}'
             f'{action[1:]} and rerun with the same --workdir to resume.')
   return None
 
