@@ -121,6 +121,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     message = str(e).strip().splitlines()[-1]
     raise SystemExit(message.partition(': ')[2] if 'Error whilst parsing config' in str(e)
                      else message) from None
+  except flags.UnrecognizedFlagError as e:
+    name = getattr(e, 'flagname', '') or ''
+    raise SystemExit(
+        f'Unknown flag --{name}: a --config.FIELD override needs --config=FILE (e.g. '
+        '--config=configs/default.py).' if name.startswith('config.') and
+        not any(a.startswith('--config=') for a in argv) else str(e)) from None
   except (AttributeError, KeyError) as e:
     overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
     message = str(e.args[0] if e.args else e).replace("\\'", "'").replace('\\n', '\n')
