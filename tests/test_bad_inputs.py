@@ -180,3 +180,16 @@ def test_whole_coco_annotation_files_pass(tmp_path):
     (tmp_path / name).write_bytes(whole)
   detection._check_coco_annotations(det_data.DetectionDataConfig(  # pylint: disable=protected-access
       dataset='coco/2017', annotations_dir=str(tmp_path), masks=True))
+
+
+def test_half_built_tfds_coco_folder_says_what_to_do(tmp_path):
+  from reviewkd_jax.detection import data as det_data  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'coco' / '2017' / '1.1.0'
+  folder.mkdir(parents=True)
+  (folder / 'dataset_info.json').write_text('{"name": "coco", "splits": [{"name": "tr')
+  with pytest.raises(det_data.DetectionDataNotFoundError) as e:
+    det_data.create_detection_pipeline(det_data.DetectionDataConfig(
+        dataset='coco/2017', data_dir=str(tmp_path)))
+  message = str(e.value)
+  assert message.startswith(f'The tfds coco/2017 folder in {tmp_path} cannot be read (')
+  assert 'Move that folder aside' in message and 'tfds build coco/2017' in message

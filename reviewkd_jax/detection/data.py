@@ -460,14 +460,22 @@ class CocoSource:
     self.config = config
     self.process_index, self.process_count = process_index, process_count
     self.category_ids = COCO_CATEGORY_IDS
-    self._builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
     sub = lambda split, n: f'{split}[:{n}]' if n else split
     self._train_split = sub(config.train_split, config.train_subset)
     self._eval_split = sub(config.eval_split, config.eval_subset)
     try:  # as_dataset only reads prepared files: it never downloads
+      self._builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
       self.num_eval = int(self._builder.as_dataset(split=self._eval_split).cardinality())
     except AssertionError as e:
       raise DetectionDataNotFoundError(coco_not_prepared_message(config.data_dir)) from e
+    except Exception as e:  # pylint: disable=broad-except
+      # A folder that a build left half-written (unreadable dataset_info.json, missing shards).
+      what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+      raise DetectionDataNotFoundError(
+          f'The tfds {config.dataset} folder in {_data_dir_text(config.data_dir)} cannot be '
+          f'read ({type(e).__name__}: {what}); a build may have stopped half-way. Move that '
+          'folder aside and build it again:\n' + coco_not_prepared_message(config.data_dir)
+      ) from None
     self._masks = None
     if config.masks:
       self._masks = _CocoMasks(annotation_file(config, config.train_split))
