@@ -61,6 +61,8 @@ class DamagedModelError(ValueError):
 def _host_bytes(x: Any) -> np.ndarray | None:
   """Returns the bytes of array `x` as a flat uint8 numpy array (C order), None for an array
   this process holds only a part of."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)  # typed PRNG keys: their uint32 data
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     if not x.is_fully_replicated:
       return None
