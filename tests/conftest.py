@@ -45,3 +45,18 @@ def pytest_unconfigure(config):  # pylint: disable=unused-argument
   """The process that made the run's compilation cache removes it."""
   if _OWN_CACHE and os.environ.get('REVIEWKD_TEST_CACHE_OWNER') == str(os.getpid()):
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
+
+# The files that take longest (measured wall time, `--durations`), run first: with -n N the
+# last files to start are short ones, so no worker idles while another finishes a long file.
+_LONGEST_FIRST = (
+    'test_detection_train.py', 'test_imagenet_reviewkd.py', 'test_multiprocess.py',
+    'test_comparison_methods.py', 'test_train.py', 'test_setup_errors.py', 'test_configs.py',
+    'test_models_imagenet.py', 'test_models_cifar_resnet_wrn_vgg.py',
+    'test_imported_models.py', 'test_detection_roi_heads.py', 'test_detection_distill.py',
+    'test_benchmark.py', 'test_ablations.py', 'test_detection_rpn.py')
+
+
+def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file

@@ -112,6 +112,8 @@ def test_kd_loss_matches_authors_formula_and_stops_teacher_gradient():
   ref = (F.kl_div(F.log_softmax(torch.from_numpy(s) / T, 1), F.softmax(torch.from_numpy(t) / T, 1),
                   reduction='batchmean') * T * T).item()
   assert float(losses.kd_loss(s, t, temperature=T)) == pytest.approx(ref, rel=1e-5)
+  # The default temperature is the authors' DistillKL(4).
+  assert float(losses.kd_loss(s, t)) == pytest.approx(ref, rel=1e-5)
   assert float(losses.kd_loss(s, s)) == pytest.approx(0.0, abs=1e-7)
   g_t = jax.grad(lambda t: losses.kd_loss(s, t))(jnp.asarray(t))
   g_s = jax.grad(lambda s: losses.kd_loss(s, t))(jnp.asarray(s))
