@@ -123,8 +123,10 @@ def test_storage_fault_says_what_was_kept_and_removes_half_written_saves(tmp_pat
 def _suite(run_order, **fields):
   config = tiny_config()
   suite = config.__class__()
-  suite.runs = {'teacher': tiny_config(num_epochs=1, **fields),
-                'student': tiny_config(num_epochs=1, seed=1)}
+  # Offline digits (no tfds mock, which would outlive this test in the module): 2 steps.
+  run = dict(dataset='digits', train_subset=32, eval_batch_size=64, num_epochs=1)
+  suite.runs = {'teacher': tiny_config(**run, **fields),
+                'student': tiny_config(**run, seed=1)}
   suite.run_order = run_order
   suite.groups = {'teachers': ('teacher',), 'students': ('student',)}
   suite.compare = ('students', 'teachers')
@@ -138,7 +140,6 @@ def test_suite_run_order_naming_no_run_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures('mock_cifar100')
 def test_suite_subset_summarises_and_a_stopped_run_stops_the_suite(tmp_path):
   results = train_suite(_suite(('teacher',)), str(tmp_path / 'subset'), devices=ONE_DEVICE)
   assert list(results) == ['teacher'] and not is_stopped(results)
