@@ -118,6 +118,9 @@ def test_storage_fault_says_what_was_kept_and_removes_half_written_saves(tmp_pat
   assert partial.name in message and not partial.exists()
   assert (tmp_path / 'checkpoints' / '3').is_dir()
   assert storage_fault(ValueError('a bug'), str(tmp_path)) is None
+  # Device memory, not the disk.
+  assert storage_fault(RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to '
+                                    'allocate 1.2GiB'), str(tmp_path)) is None
 
 
 def _suite(run_order, **fields):

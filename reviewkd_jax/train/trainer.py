@@ -56,12 +56,13 @@ def is_stopped(result: Any) -> bool:
   return result.final is None
 
 
-# What a failed write says, wherever in the exception chain it is (OS, TensorFlow, TensorStore).
+# What a failed write says, wherever in the exception chain it is (OS, TensorFlow, TensorStore
+# all quote the OS's words; their own codes such as RESOURCE_EXHAUSTED also mean device memory).
 _STORAGE_FAULTS = (
-    (('No space left on device', 'RESOURCE_EXHAUSTED', 'Disk quota exceeded'),
-     'the disk is full', 'free some space'),
-    (('Permission denied', 'Read-only file system', 'PERMISSION_DENIED'),
-     'the workdir cannot be written', 'make it writable (or give another --workdir)'),
+    (('No space left on device', 'Disk quota exceeded'), 'the disk is full',
+     'free some space'),
+    (('Read-only file system', 'Permission denied'), 'the workdir cannot be written',
+     'make it writable (or give another --workdir)'),
 )
 
 
