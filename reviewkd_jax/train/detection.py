@@ -110,7 +110,7 @@ def detector_config(config: ml_collections.ConfigDict, num_classes: int, *,
                             post_nms_topk=tuple(config.rpn_post_nms_topk))
   roi = dataclasses.replace(base.roi, batch_size_per_image=config.roi_batch_size_per_image,
                             sampling_ratio=config.roi_sampling_ratio,
-                            max_sampling_ratio=config.get('roi_max_sampling_ratio', 4))
+                            max_sampling_ratio=config.roi_max_sampling_ratio)
   return dataclasses.replace(base, rpn=rpn, roi=roi)
 
 
@@ -124,7 +124,6 @@ def _weights_convention(path: str, source: str) -> model_lib.InputConvention | N
   if folder.is_dir():
     for candidate in (folder, folder.parent, folder.parent.parent):
       if (candidate / 'config.json').exists():
-        import json  # pylint: disable=g-import-not-at-top
         recorded = json.loads((candidate / 'config.json').read_text())
         if all(recorded.get(f) is not None for f in INPUT_FIELDS):
           return model_lib.InputConvention(
