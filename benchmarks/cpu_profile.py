@@ -50,7 +50,7 @@ def main():
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--variant', default='shipped',
                       help='a variant of xla_cpu_flags.py (XLA:CPU options, block barriers, '
-                           "code before issue 10), e.g. 'before'")
+                           "the earlier code restored), e.g. 'before'")
   parser.add_argument('--out', default='/tmp/reviewkd_cpu_profile')
   parser.add_argument('--top', type=int, default=8)
   args = parser.parse_args()

@@ -7,8 +7,9 @@ Every variant is a train step built and compiled in this one process from the sa
 state, and the variants then take turns step by step, in a rotating order, for `--rounds`
 rounds. The figures of merit are the medians over rounds of the reference variant's step
 time divided by each variant's in the same round (`--reference`, default 'before': the step
-as it was before the CPU work of issue 10), for wall time and for this process's CPU time
-(all threads). First-step losses show whether a variant computes the same thing.
+with XLA's default CPU options, no block barriers, the gather resize and the matrix pooling),
+for wall time and for this process's CPU time (all threads). First-step losses show whether
+a variant computes the same thing.
 
 A variant is (XLA:CPU options of the step, residual-block barriers on/off, code restored
 from before, config overrides):
@@ -55,18 +56,18 @@ VARIANTS = {  # name: (step options, block barriers, code restored from before, 
 
 
 def _gather_nearest_resize(x, size):
-  """The ABFs' nearest resize before issue 10: two gathers at PyTorch's source indices."""
+  """The ABFs' earlier nearest resize: two gathers at PyTorch's source indices."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from reviewkd_jax.distill import reviewkd  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.models import layers  # pylint: disable=g-import-not-at-top
   h, w = size
   if (x.shape[1], x.shape[2]) == (h, w):
     return x
-  x = jnp.take(x, jnp.asarray(reviewkd._torch_nearest_index(x.shape[1], h)), axis=1)  # pylint: disable=protected-access
-  return jnp.take(x, jnp.asarray(reviewkd._torch_nearest_index(x.shape[2], w)), axis=2)  # pylint: disable=protected-access
+  x = jnp.take(x, jnp.asarray(layers._torch_nearest_index(x.shape[1], h)), axis=1)  # pylint: disable=protected-access
+  return jnp.take(x, jnp.asarray(layers._torch_nearest_index(x.shape[2], w)), axis=2)  # pylint: disable=protected-access
 
 
 def _matrix_adaptive_avg_pool(x, size):
-  """HCL's pooling before issue 10: averaging matrices at every size, one einsum."""
+  """HCL's earlier pooling: averaging matrices at every size, one einsum."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.losses import review  # pylint: disable=g-import-not-at-top

@@ -75,6 +75,33 @@ def test_processes_get_disjoint_shares():
   assert masks == 450
 
 
+def _tfds_even_share(n, process_index, process_count):
+  """Returns tfds.even_splits' share of a split of n examples, as a (start, stop) pair."""
+  infos = tfds.core.SplitDict([tfds.core.SplitInfo(name='train', shard_lengths=[n],
+                                                   num_bytes=0)])
+  split = tfds.even_splits('train', n=process_count)[process_index]
+  (absolute,) = split.to_absolute(infos)
+  return absolute.from_ or 0, n if absolute.to is None else absolute.to
+
+
+@pytest.mark.parametrize('n,process_count', [(10, 3), (450, 4), (7, 2), (5, 5), (11, 4)])
+def test_every_pipeline_shares_a_split_over_processes_as_tfds(n, process_count):
+  """The in-memory classification datasets, the digit scenes and tfds (the streamed datasets)
+  give each process the same share of the evaluation split (10 over 3 processes: 4, 3, 3)."""
+  from reviewkd_jax.data.datasets import ArraySource
+  from reviewkd_jax.data.shares import process_share
+  images, labels = np.zeros((n, 2, 2, 1), np.uint8), np.arange(n)
+  for p in range(process_count):
+    expected = _tfds_even_share(n, p, process_count)
+    share = process_share(n, p, process_count)
+    assert (share.start, share.stop) == expected
+    source = ArraySource((images, labels), (images, labels), process_index=p,
+                         process_count=process_count)
+    assert source._eval['index'].tolist() == list(range(*expected))
+  assert [process_share(10, p, 3).stop - process_share(10, p, 3).start
+          for p in range(3)] == [4, 3, 3]
+
+
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_global_batches_do_not_depend_on_the_process_count(digits, process_count):
   """The processes' local batches of step s, concatenated in process order, are the

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from reviewkd_jax.detection import backbone as bb
+from reviewkd_jax.models import layers
 from reviewkd_jax.detection.weights import load_detector_weights
 from tests.torch_utils import nchw_to_nhwc, randomize, torch, torchvision
 
@@ -174,7 +175,7 @@ def test_upsample_nearest_matches_torch_interpolate_on_odd_sizes():
   for size in ((10, 14), (9, 13), (11, 15)):
     want = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                                            size=size, mode='nearest')
-    np.testing.assert_array_equal(np.asarray(bb.upsample_nearest(jnp.asarray(x), size)),
+    np.testing.assert_array_equal(np.asarray(layers.nearest_resize(jnp.asarray(x), size)),
                                   nchw_to_nhwc(want))
 
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from reviewkd_jax.data import digits
+from reviewkd_jax.data.shares import process_share, tfds_data_dir
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -94,13 +95,8 @@ def get_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
-def _data_dir_text(data_dir: str | None) -> str:
-  return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
-      '~/tensorflow_datasets')
-
-
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
-  where = _data_dir_text(data_dir)
+  where = tfds_data_dir(data_dir)
   if name == 'imagenet2012':
     manual = os.path.join(where, 'downloads', 'manual')
     return (
@@ -130,12 +126,6 @@ def _tfds_builder(name: str, data_dir: str | None):
   return builder
 
 
-def _process_slice(n: int, process_index: int, process_count: int) -> slice:
-  """Returns this process's contiguous share of n items (tfds.even_splits' rounding)."""
-  bounds = [(n * i) // process_count for i in range(process_count + 1)]
-  return slice(bounds[process_index], bounds[process_index + 1])
-
-
 class ArraySource:
   """A dataset held in host memory: every process holds the whole training split (the global
   batches are drawn from it, so their content does not depend on the process count) and its
@@ -153,7 +143,7 @@ class ArraySource:
   @staticmethod
   def _share(split, process_index, process_count):
     images, labels = split
-    part = _process_slice(len(labels), process_index, process_count)
+    part = process_share(len(labels), process_index, process_count)
     return {'image': images[part], 'label': labels[part].astype(np.int32),
             'index': np.arange(len(labels), dtype=np.int32)[part]}
 

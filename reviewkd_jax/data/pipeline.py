@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from reviewkd_jax.data import preprocess
 from reviewkd_jax.data.datasets import DatasetSpec
+from reviewkd_jax.data.shares import derive_seed
 
 Batch = dict[str, np.ndarray]
 
@@ -65,8 +66,7 @@ class InputPipeline:
     """Returns the 31-bit seed of the shuffle and augmentation in `epoch`: the same on every
     process for in-memory datasets, this process's own for streamed ones."""
     process = 0 if self.source.in_memory else self.process_index
-    state = np.random.SeedSequence([self.seed, epoch, process]).generate_state(1)
-    return int(state[0] >> 1)
+    return derive_seed(self.seed, epoch, process)
 
   def global_rows(self, epoch: int, start_step: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Returns (dataset indices, positions in the epoch) of this process's rows of the global

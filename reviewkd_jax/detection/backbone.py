@@ -69,7 +69,8 @@ import numpy as np
 from flax import traverse_util
 
 from reviewkd_jax.models import layers
-from reviewkd_jax.models.cifar_resnet import BASIC, BOTTLENECK, ResidualBlock
+from reviewkd_jax.models.cifar_resnet import BASIC, BOTTLENECK
+from reviewkd_jax.models.imagenet_resnet import resnet_stages
 
 # Bottleneck with the stride on the first 1x1 conv (Detectron2's STRIDE_IN_1X1=True, MSRA).
 BOTTLENECK_STRIDE_IN_1X1 = ((1, True, 1), (3, False, 1), (1, False, 4))
@@ -122,18 +123,9 @@ class ResNetBody(nn.Module):
       branch = BASIC
     else:
       branch = BOTTLENECK_STRIDE_IN_1X1 if self.stride_in_1x1 else BOTTLENECK
-    x = x.astype(self.dtype)
-    x = layers.conv(64, 7, stride=2, padding=3, name='conv1', dtype=self.dtype)(x)
-    x = nn.relu(_frozen_bn('bn1', self.dtype)(x))
-    x = layers.max_pool(x, 3, 2, padding=1)
-    outputs = []
-    for s, num_blocks in enumerate(self.stage_sizes):
-      for b in range(num_blocks):
-        # `train=False`: ResidualBlock's BatchNorms then use their stored statistics.
-        x = nn.relu(ResidualBlock(64 * 2**s, branch, stride=2 if s > 0 and b == 0 else 1,
-                                  dtype=self.dtype, name=f'layer{s + 1}_{b}')(x, False))
-      outputs.append(x)
-    return outputs
+    _, stages, _ = resnet_stages(x.astype(self.dtype), self.stage_sizes, branch, train=False,
+                                 dtype=self.dtype)
+    return stages
 
 
 class InvertedResidual(nn.Module):
@@ -198,21 +190,6 @@ class MobileNetV2Body(nn.Module):
     return outputs
 
 
-def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Returns NHWC `x` resized to `size` as `F.interpolate(x, size, mode='nearest')`.
-
-  Source index `floor(i * in / out)` per axis (PyTorch's legacy 'nearest'); an exact 2x is
-  `jnp.repeat`, the same values as Detectron2's `scale_factor=2`.
-  """
-  h, w = x.shape[1:3]
-  out_h, out_w = size
-  if (out_h, out_w) == (2 * h, 2 * w):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  rows = np.minimum(np.floor(np.arange(out_h) * (h / out_h)).astype(np.int32), h - 1)
-  cols = np.minimum(np.floor(np.arange(out_w) * (w / out_w)).astype(np.int32), w - 1)
-  return x[:, rows][:, :, cols]
-
-
 class FPN(nn.Module):
   """Feature Pyramid Network with a P6 max-pool level; returns {'p2', ..., 'p6'}."""
   channels: int = 256
@@ -232,7 +209,7 @@ class FPN(nn.Module):
     for level in (5, 4, 3, 2):
       lateral = conv(1, f'lateral_{level}')(features[level - 2])
       if prev is not None:
-        lateral = lateral + upsample_nearest(prev, lateral.shape[1:3])
+        lateral = lateral + layers.nearest_resize(prev, lateral.shape[1:3])
       prev = lateral
       out[f'p{level}'] = conv(3, f'output_{level}')(lateral)
     out['p6'] = out['p5'][:, ::2, ::2]  # max_pool2d(P5, kernel_size=1, stride=2)

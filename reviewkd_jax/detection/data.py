@@ -71,6 +71,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from reviewkd_jax.data import DatasetNotFoundError
+from reviewkd_jax.data.shares import derive_seed, process_share, tfds_data_dir
 from reviewkd_jax.detection import evaluation, scenes
 
 Batch = dict[str, np.ndarray]
@@ -274,17 +275,6 @@ def _padding_example(config: DetectionDataConfig) -> dict:
           'valid': tf.constant(False), '_num_boxes': tf.constant(0, tf.int32)}
 
 
-def _seed(*values: int) -> int:
-  return int(np.random.SeedSequence(list(values)).generate_state(1)[0] >> 1)
-
-
-def _even_share(n: int, process_index: int, process_count: int) -> slice:
-  """Returns this process's contiguous share of n items (tfds.even_splits' rounding)."""
-  base, extra = divmod(n, process_count)
-  start = base * process_index + min(process_index, extra)
-  return slice(start, start + base + (process_index < extra))
-
-
 _warned = set()
 
 
@@ -370,14 +360,9 @@ class DetectionPipeline:
 
 # ----------------------------------------------------------------------------- COCO (tfds)
 
-def _data_dir_text(data_dir: str) -> str:
-  return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
-      '~/tensorflow_datasets')
-
-
 def coco_not_prepared_message(data_dir: str) -> str:
   """Returns what to do when tfds's coco/2017 is not prepared in `data_dir`."""
-  where = _data_dir_text(data_dir)
+  where = tfds_data_dir(data_dir)
   manual = os.path.join(where, 'downloads', 'manual')
   return (
       f'COCO 2017 (tfds "coco/2017") is not prepared in {where}.\n'
@@ -392,7 +377,7 @@ def coco_not_prepared_message(data_dir: str) -> str:
 
 def annotations_missing_message(path: str, data_dir: str) -> str:
   """Returns what to do when COCO's annotation json `path` is missing."""
-  where = _data_dir_text(data_dir)
+  where = tfds_data_dir(data_dir)
   return (
       f'COCO annotation file {path} not found (needed for masks and for the official '
       'evaluation ground truth; tfds coco/2017 has no masks).\n'
@@ -412,7 +397,7 @@ def annotation_file(config: DetectionDataConfig, split: str) -> str:
     raise ValueError(f"COCO annotations exist for the splits 'train' and 'validation', not "
                      f'{split!r}.')
   name = _COCO_JSON[base]
-  where = _data_dir_text(config.data_dir)
+  where = tfds_data_dir(config.data_dir)
   path = os.path.join(config.annotations_dir or os.path.join(where, 'annotations'), name)
   if os.path.exists(path):
     return path
@@ -472,14 +457,14 @@ class CocoSource:
       # A folder that a build left half-written (unreadable dataset_info.json, missing shards).
       what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
       raise DetectionDataNotFoundError(
-          f'The tfds {config.dataset} folder in {_data_dir_text(config.data_dir)} cannot be '
+          f'The tfds {config.dataset} folder in {tfds_data_dir(config.data_dir)} cannot be '
           f'read ({type(e).__name__}: {what}); a build may have stopped half-way. Move that '
           'folder aside and build it again:\n' + coco_not_prepared_message(config.data_dir)
       ) from None
     self._masks = None
     if config.masks:
       self._masks = _CocoMasks(annotation_file(config, config.train_split))
-    self.augment_seed = _seed(config.seed, process_index)
+    self.augment_seed = derive_seed(config.seed, process_index)
 
   def _read(self, split, *, shuffle_seed: int | None) -> tf.data.Dataset:
     share = tfds.split_for_jax_process(split, process_index=self.process_index,
@@ -580,7 +565,7 @@ class SceneSource:
     if config.eval_subset:
       self.eval = _first(self.eval, config.eval_subset)
     self.num_train, self.num_eval = len(self.train), len(self.eval)
-    self.augment_seed = _seed(config.seed)  # the same on every process
+    self.augment_seed = derive_seed(config.seed)  # the same on every process
 
   @staticmethod
   def _raw(arrays: dict, row) -> dict:
@@ -622,7 +607,7 @@ class SceneSource:
   def eval_examples(self) -> tf.data.Dataset:
     """Returns this process's contiguous share of the evaluation scenes, in order."""
     arrays = self._tensors(self.eval)
-    share = _even_share(self.num_eval, self.process_index, self.process_count)
+    share = process_share(self.num_eval, self.process_index, self.process_count)
     return tf.data.Dataset.range(share.start, share.stop).map(
         lambda row: self._raw(arrays, row), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True)

@@ -31,50 +31,11 @@ from reviewkd_jax import losses
 from reviewkd_jax.distill import base
 from reviewkd_jax.models import create_model
 from reviewkd_jax.models import layers
+from reviewkd_jax.models.layers import nearest_resize
 
 FEATURE_KINDS = ('stages', 'preact')
 FUSIONS = ('abf', 'sum', 'none')  # 'none': no residual chain, so nothing is fused
 DISTANCES = ('hcl', 'mse')
-
-
-def _torch_nearest_index(in_size: int, out_size: int) -> np.ndarray:
-  """Returns source indices of PyTorch's `interpolate(mode='nearest')` along one axis."""
-  if in_size == out_size:
-    return np.arange(out_size)
-  scale = np.float32(in_size) / np.float32(out_size)
-  idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(idx, in_size - 1)
-
-
-def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Returns NHWC `x` resized to `size` exactly like PyTorch's nearest interpolation.
-
-  (`jax.image.resize(..., 'nearest')` uses half-pixel centres, which picks other pixels
-  when shrinking and for non-integer ratios.) Integer up-sampling is a broadcast (its
-  gradient a sum) and integer down-sampling a strided slice; other ratios gather.
-  """
-  h, w = size
-  if (x.shape[1], x.shape[2]) == (h, w):
-    return x
-  return _nearest_axis(_nearest_axis(x, 1, h), 2, w)
-
-
-def _nearest_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-  """Returns `x` resized along `axis` to `out_size` with PyTorch's nearest source indices."""
-  in_size = x.shape[axis]
-  if in_size == out_size:
-    return x
-  index = _torch_nearest_index(in_size, out_size)
-  if out_size % in_size == 0 and np.array_equal(
-      index, np.arange(out_size) // (out_size // in_size)):
-    repeats = out_size // in_size  # each source element `repeats` times in a row
-    x = jnp.expand_dims(x, axis + 1)
-    x = jnp.broadcast_to(x, (*x.shape[:axis + 1], repeats, *x.shape[axis + 2:]))
-    return x.reshape(*x.shape[:axis], out_size, *x.shape[axis + 2:])
-  if in_size % out_size == 0 and np.array_equal(
-      index, np.arange(out_size) * (in_size // out_size)):
-    return jax.lax.slice_in_dim(x, 0, in_size, in_size // out_size, axis=axis)
-  return jnp.take(x, jnp.asarray(index), axis=axis)
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:

@@ -26,6 +26,28 @@ from reviewkd_jax.models.registry import register_model
 # CRD's CIFAR ones, with the same `downsample` shortcut: one implementation serves both.
 
 
+def resnet_stages(x: jax.Array, stage_sizes: Sequence[int],
+                  branch: Sequence[tuple[int, bool, int]], *, train: bool,
+                  dtype: layers.Dtype = jnp.float32
+                  ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+  """Builds torchvision's ResNet stem and stages inside the calling module's `nn.compact`
+  method (submodules `conv1`, `bn1`, `layer{s}_{b}`: the converter's names) and returns
+  (stem, stages, preact). The detectors' bodies call it with `train=False` (frozen BN)."""
+  x = layers.conv(64, 7, stride=2, padding=3, name='conv1', dtype=dtype)(x)
+  x = nn.relu(layers.batch_norm(train, name='bn1', dtype=dtype)(x))
+  x = layers.max_pool(x, 3, 2, padding=1)
+  stem = x
+  stages, preact = [], []
+  for s, num_blocks in enumerate(stage_sizes):
+    for b in range(num_blocks):
+      pre = ResidualBlock(64 * 2**s, branch, stride=2 if s > 0 and b == 0 else 1,
+                          dtype=dtype, name=f'layer{s + 1}_{b}')(x, train)
+      x = nn.relu(pre)
+    preact.append(pre)
+    stages.append(x)
+  return stem, stages, preact
+
+
 class ImageNetResNet(nn.Module):
   """torchvision's ResNet; returns a `ModelOutput`."""
   stage_sizes: Sequence[int]
@@ -35,20 +57,11 @@ class ImageNetResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> layers.ModelOutput:
-    x = layers.conv(64, 7, stride=2, padding=3, name='conv1', dtype=self.dtype)(x)
-    x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
-    x = layers.max_pool(x, 3, 2, padding=1)
-    stem = x
-    stages, preact = [], []
-    for s, num_blocks in enumerate(self.stage_sizes):
-      for b in range(num_blocks):
-        pre = ResidualBlock(64 * 2**s, self.branch, stride=2 if s > 0 and b == 0 else 1,
-                            dtype=self.dtype, name=f'layer{s + 1}_{b}')(x, train)
-        x = nn.relu(pre)
-      preact.append(pre)
-      stages.append(x)
-    pooled = layers.global_avg_pool(x)
-    logits = layers.linear(self.num_classes, x.shape[-1], name='fc', dtype=self.dtype)(pooled)
+    stem, stages, preact = resnet_stages(x, self.stage_sizes, self.branch, train=train,
+                                         dtype=self.dtype)
+    pooled = layers.global_avg_pool(stages[-1])
+    logits = layers.linear(self.num_classes, stages[-1].shape[-1], name='fc',
+                           dtype=self.dtype)(pooled)
     return layers.model_output(logits, stem, stages, preact, pooled)
 
 
