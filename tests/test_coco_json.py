@@ -8,6 +8,7 @@ in-memory scenes, step for step, and the same box and mask AP for the same detec
 Mistakes in the data stop with one message naming them, before a run writes anything.
 """
 import json
+import os
 import re
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from reviewkd_jax.train.detection import train_detector
 from tests.helpers import ONE_DEVICE, ROOT
 
 SCENES = scenes.SceneConfig(num_train=32, num_eval=12)
+ONE_CPU = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 DISK_IDS = tuple(3 + 4 * d for d in range(scenes.NUM_CLASSES))  # digit d -> id 3 + 4d
 CROWD_DIGIT = 5
 SIZES = dict(batch_size=8, eval_batch_size=8)
@@ -319,7 +321,7 @@ DAMAGES = {
         r'has an RLE of size \[64, 64\], but the image is \[96, 96\]'),
     'duplicate image ids': (
         lambda d, c: _set(c['images'][1], id=c['images'][0]['id']),
-        r'images ids \[\d+\] appear more than once'),
+        r'image ids \[\d+\] appear more than once in "images"'),
 }
 
 
@@ -404,15 +406,23 @@ def test_readme_command_trains_on_a_coco_json_folder(folder, tmp_path):
   fields = ('train_min_sizes', 'train_max_size', 'test_min_size', 'test_max_size', 'pad_size',
             'max_boxes', 'random_flip', 'fpn_channels', 'box_head_dim', 'mask_head_dim',
             'freeze_at', 'rpn_pre_nms_topk', 'rpn_post_nms_topk', 'roi_batch_size_per_image')
-  show = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else str(v)
-  command += [f'--config.{f}={show(toy[f])}' for f in fields]
+  command += [f'--config.{f}={toy[f]!r}' for f in fields]
   command += ['--config.batch_size=2', '--config.eval_batch_size=4', '--config.max_steps=2',
-              '--config.warmup_steps=1', '--config.lr_steps=1', '--config.log_every_steps=1',
+              '--config.warmup_steps=1', '--config.lr_steps=(1,)', '--config.log_every_steps=1',
               '--config.eval_subset=4']
-  proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True,
-                        text=True, timeout=900, check=False)
+  proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ONE_CPU,
+                        capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'on coco_json: 10 classes, 4 evaluation images' in proc.stderr, proc.stderr[-3000:]
-  summary = json.loads((tmp_path / 'run' / 'final' / 'meta.json').read_text()) if (
-      tmp_path / 'run' / 'final' / 'meta.json').exists() else None
-  assert re.search(r'segm/AP', proc.stderr) or summary, proc.stderr[-3000:]
+  assert re.search(r'Done: final box AP \d+\.\d+, mask AP', proc.stderr), proc.stderr[-3000:]
+  assert (tmp_path / 'run' / 'final').is_dir()
+  # The same command on a folder with an image that does not decode: one message, no run.
+  broken = _damaged(root, tmp_path / 'broken', lambda d, c: (
+      d / 'images' / 'train_0003.png').write_bytes(b'not a picture'))
+  command = [a.replace(str(root), str(broken)).replace(str(tmp_path / 'run'),
+                                                       str(tmp_path / 'run2')) for a in command]
+  proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=ONE_CPU,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f'{broken}/images/train_0003.png: not an image format PIL knows' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'run2').exists()

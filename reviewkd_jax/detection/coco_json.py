@@ -192,12 +192,14 @@ def _check_entries(path: str, content: dict) -> None:
   if bad:
     raise CocoJsonError(f'{path} is not a COCO instances json: {len(bad)} entries lack what '
                         f'COCO requires:\n{_listing(bad)}')
-  for key in ('images', 'categories'):
+  for key, what in (('images', 'image'), ('categories', 'category')):
     ids = [entry['id'] for entry in content[key]]
-    twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
-    if twice:
-      raise CocoJsonError(f'{path}: {key} ids {twice[:_SHOWN]} appear more than once; '
-                          f'each of the {key} needs its own id.')
+    if len(set(ids)) < len(ids):
+      seen, twice = set(), set()
+      for i in ids:
+        (twice if i in seen else seen).add(i)
+      raise CocoJsonError(f'{path}: {what} ids {sorted(twice)[:_SHOWN]} appear more than '
+                          f'once in "{key}"; each needs its own id.')
 
 
 def _segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
