@@ -311,10 +311,10 @@ DAMAGES = {
         lambda d, c: _set(c['images'][0], width=128),
         r'1 image\(s\) are not the size the json gives \(width x height\):\n  \S+\.png: '
         r'96x96 pixels, the json says 128x96'),
-    'a polygon of two points': (
-        lambda d, c: _set(c['annotations'][0], segmentation=[[1, 2, 3, 4]]),
-        r'annotations\[0\] \(image_id \d+, 96x96\) has a polygon that is not a list of at '
-        r'least 3 x, y pairs'),
+    'a polygon of text': (
+        lambda d, c: _set(c['annotations'][0], segmentation=[['1', 2, 3, 4, 5, 6]]),
+        r'annotations\[0\] \(image_id \d+, 96x96\) has a polygon that is not a list of '
+        r'numbers'),
     'an RLE of another size': (
         lambda d, c: _set(c['annotations'][1], segmentation={'size': [64, 64],
                                                              'counts': [4096]}),
@@ -348,6 +348,37 @@ def test_masks_need_segmentations_and_eval_categories_must_be_trained(folder, tm
   with pytest.raises(coco_json.CocoJsonError, match=r"instances_eval\.json: 1 annotation\(s\) "
                      r"have a category_id missing from the training json's categories list"):
     data.create_detection_pipeline(_disk_config(root, masks=False))
+
+
+def test_polygons_of_fewer_than_3_points_are_dropped_as_detectron2_does(folder, tmp_path,
+                                                                       caplog):
+  train = scenes.make_scenes(SCENES, 'train')
+  row = 2  # image id 3: its annotations follow those of images 1 and 2
+  first = int(train.valid[:row].sum()) + 1  # + 1: the crowd region of image 1
+  count = int(train.valid[row].sum())
+  assert count == 2
+
+  def damage(d, c):
+    anns = [a for a in c['annotations'] if a['image_id'] == row + 1]
+    assert [c['annotations'].index(a) for a in anns] == [first, first + 1]
+    anns[0]['segmentation'] = _polygons(train.masks[row, 0]) + [[5, 5, 9, 9], [1, 2, 3]]
+    anns[1]['segmentation'] = [[10, 10, 20, 10]]  # a line, nothing else
+
+  root = _damaged(folder[0], tmp_path, damage)
+  with caplog.at_level('WARNING'):
+    split = coco_json.read_split(str(root / 'instances_train.json'), str(root / 'images'),
+                                 masks=True)
+  assert (f'2 annotation(s) have polygons of fewer than 3 points (or an odd number of '
+          f'coordinates), which are dropped (annotations[{first}], annotations[{first + 1}]); '
+          '1 have no other polygon and are left out (masks need one).') in caplog.text
+  np.testing.assert_array_equal(split.masks(row), train.masks[row, :1])
+  np.testing.assert_array_equal(split.boxes[split.row_splits[row]:split.row_splits[row + 1]],
+                                train.boxes[row, :1])
+  boxes_only = coco_json.read_split(str(root / 'instances_train.json'),
+                                    str(root / 'images'), masks=False)
+  np.testing.assert_array_equal(
+      boxes_only.boxes[boxes_only.row_splits[row]:boxes_only.row_splits[row + 1]],
+      train.boxes[row, :2])
 
 
 def test_missing_settings_and_files(folder, tmp_path):

@@ -12,7 +12,8 @@ rasterised with pycocotools at the image's size when a batch needs them. Crowd r
 Everything is checked when a split is read, before any work: the json's structure, each
 annotation's image, category, box (inside its image, 1 px of slack) and segmentation, and
 every image file (present, decodes, the size the json says). Each kind of mistake stops with
-one `CocoJsonError` naming the offending entries or files.
+one `CocoJsonError` naming the offending entries or files. Polygons of fewer than 3 points,
+which labelling tools leave behind, are dropped with a warning, as Detectron2 drops them.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import math
 import numbers
 from typing import Any, Sequence
 
+from absl import logging
 import numpy as np
 from pycocotools import mask as mask_util
 import tensorflow as tf
@@ -208,9 +210,8 @@ def _segmentation_problem(segmentation: Any, height: int, width: int) -> str | N
     if not segmentation:
       return 'an empty polygon list'
     for polygon in segmentation:
-      if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
-              and all(_is_number(v) for v in polygon)):
-        return 'a polygon that is not a list of at least 3 x, y pairs'
+      if not (isinstance(polygon, list) and all(_is_number(v) for v in polygon)):
+        return 'a polygon that is not a list of numbers [x1, y1, x2, y2, ...]'
     return None
   if isinstance(segmentation, dict) and 'counts' in segmentation and 'size' in segmentation:
     size, counts = segmentation['size'], segmentation['counts']
@@ -322,8 +323,11 @@ def read_split(annotations: str, images: str, *, category_ids: Sequence[int] | N
                         'the files (EXIF orientation is not applied: sizes are as stored).')
   size_of = dict(zip(order, sizes.tolist()))
 
-  # Boxes inside their images; segmentations well formed.
+  # Boxes inside their images; segmentations well formed. Polygons of fewer than 3 points
+  # (labelling tools' artefacts) are dropped as Detectron2 drops them; with masks, so is an
+  # annotation left without a polygon.
   problems = {'box': [], 'segmentation': []}
+  degenerate, emptied = [], []
   for i, ann in enumerate(content['annotations']):
     h, w = size_of[ann['image_id']]
     x, y, bw, bh = ann['bbox']
@@ -339,6 +343,21 @@ def read_split(annotations: str, images: str, *, category_ids: Sequence[int] | N
       why = _segmentation_problem(segmentation, h, w)
       if why:
         problems['segmentation'].append(f'{name} has {why}')
+      elif isinstance(segmentation, list):
+        kept = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+        if len(kept) < len(segmentation):
+          degenerate.append(f'annotations[{i}]')
+          ann['segmentation'] = kept or None
+          if not kept:
+            emptied.append(i)
+  dropped = set(emptied) if masks else set()
+  if degenerate:
+    logging.warning(
+        '%s: %d annotation(s) have polygons of fewer than 3 points (or an odd number of '
+        'coordinates), which are dropped (%s%s); %d have no other polygon and are %s.',
+        annotations, len(degenerate), ', '.join(degenerate[:_SHOWN]),
+        ', ...' if len(degenerate) > _SHOWN else '', len(emptied),
+        'left out (masks need one)' if masks else 'kept for their boxes')
   if problems['box']:
     raise CocoJsonError(
         f'{annotations}: {len(problems["box"])} annotation box(es) [x, y, width, height] '
@@ -354,8 +373,9 @@ def read_split(annotations: str, images: str, *, category_ids: Sequence[int] | N
 
   # The arrays, in image-id order.
   by_image: dict[int, list] = {i: [] for i in order}
-  for ann in content['annotations']:
-    by_image[ann['image_id']].append(ann)
+  for i, ann in enumerate(content['annotations']):
+    if i not in dropped:
+      by_image[ann['image_id']].append(ann)
   flat = [a for i in order for a in by_image[i]]
   boxes = np.array([a['bbox'] for a in flat], np.float32).reshape(-1, 4)
   boxes[:, 2:] += boxes[:, :2]
