@@ -391,6 +391,10 @@ def test_missing_settings_and_files(folder, tmp_path):
         tmp_path / 'nothing.json')))
   with pytest.raises(DatasetNotFoundError, match=r'The image folder \S+ of the evaluation'):
     data.create_detection_pipeline(_disk_config(root, eval_images=str(tmp_path / 'none')))
+  with pytest.raises(coco_json.CocoJsonError, match=r'instances_train\.json: 32 training '
+                     r'images \(with a non-crowd annotation\) are fewer than one global batch '
+                     r'\(batch_size=64\): lower config\.batch_size'):
+    data.create_detection_pipeline(_disk_config(root, batch_size=64))
   only_crowd = _damaged(root, tmp_path / 'crowd', lambda d, c: _set(
       c, annotations=[a for a in c['annotations'] if a['iscrowd']]))
   with pytest.raises(coco_json.CocoJsonError, match='no image has a non-crowd annotation'):

@@ -687,6 +687,12 @@ class CocoJsonSource:
       raise coco_json.CocoJsonError(f'{config.train_annotations}: no image has a non-crowd '
                                     'annotation; there is nothing to train on.')
     self.train = train.take(rows[:config.train_subset or None])
+    if len(self.train) < config.batch_size:
+      raise coco_json.CocoJsonError(
+          f'{config.train_annotations}: {len(self.train)} training images (with a non-crowd '
+          f'annotation{", of train_subset" if config.train_subset else ""}) are fewer than '
+          f'one global batch (batch_size={config.batch_size}): lower config.batch_size or '
+          'add images.')
     if config.eval_subset:
       self.eval = self.eval.take(np.arange(min(config.eval_subset, len(self.eval))))
     self.num_train, self.num_eval = len(self.train), len(self.eval)
