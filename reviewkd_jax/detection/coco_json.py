@@ -1,8 +1,8 @@
 """Your own detection data: a COCO-format instances json and the folder of its images.
 
-`read_split(annotations, images, ...)` reads one split (the json COCO's own
-instances_*.json follow, as labelling tools export it) into a `CocoJsonSplit` held in
-memory like the digit scenes; `detection.data.CocoJsonSource` feeds it through the pipeline
+`read_split(annotations, images, ...)` reads one split (an instances json in COCO's format,
+as COCO ships it and labelling tools export it) into a `CocoJsonSplit` held in memory like
+the digit scenes; `detection.data.CocoJsonSource` feeds it through the pipeline
 of COCO and the scenes (`config.dataset = 'coco_json'`, docs/custom.md). Labels: the training
 json's category ids sorted, label i (0..K-1) is the i-th; evaluation maps them back, so
 results and COCOeval see the json's ids. Masks: polygons, compressed or uncompressed RLE,
@@ -288,11 +288,12 @@ def read_split(annotations: str, images: str, *, category_ids: Sequence[int] | N
              if a['category_id'] not in listed or a['category_id'] not in label_of]
   if unknown:
     ids = sorted({a['category_id'] for _, a in unknown})
-    where = ('the categories list' if any(a['category_id'] not in listed for _, a in unknown)
-             else "the training json's categories list")
+    own_list = any(a['category_id'] not in listed for _, a in unknown)
+    where = 'the categories list' if own_list else "the training json's categories list"
+    known = sorted(listed if own_list else label_of)
     raise CocoJsonError(
         f'{annotations}: {len(unknown)} annotation(s) have a category_id missing from '
-        f'{where} (ids {ids[:_SHOWN]}; listed: {sorted(label_of)[:20]}):\n'
+        f'{where} (ids {ids[:_SHOWN]}; listed: {known[:20]}{", ..." * (len(known) > 20)}):\n'
         + _listing([f'annotations[{i}] (image_id {a["image_id"]}) category_id '
                     f'{a["category_id"]}' for i, a in unknown])
         + '\nAdd those categories or remove the annotations.')
