@@ -42,10 +42,11 @@ out first. COCO (streamed): process p reads its even share of the training files
 (`tfds.split_for_jax_process`), shuffles files and a buffer with a seed derived from
 (seed, p), and augments the k-th example of its stream with the stateless seed
 (that seed, k): deterministic for a given process count. The digit scenes and a COCO-format
-json of yours (in memory; images read from their files): as the classification pipeline, every process draws the same permutation per epoch from
-(seed, epoch), global batch s is positions [s * B, (s + 1) * B) of the epochs laid end to end
-(each epoch drops its remainder), and process p takes its consecutive rows, augmented with
-(seed, global position): the global batches do not depend on the process count. Either way
+json of yours (in memory; images read from their files): as the classification pipeline,
+every process draws the same permutation per epoch from (seed, epoch), global batch s is
+positions [s * B, (s + 1) * B) of the epochs laid end to end (each epoch drops its
+remainder), and process p takes its consecutive rows, augmented with (seed, global
+position): the global batches do not depend on the process count. Either way
 `train_batches(start_step)` resumes exactly. Evaluation: each process reads its even share
 of the evaluation split in order; every process runs `eval_steps` batches, the last ones
 completed with `valid=False` padding.
