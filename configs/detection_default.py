@@ -13,10 +13,15 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = 'detection'
 
-  # Data (reviewkd_jax/detection/data.py): COCO 2017 from tfds, or the offline digit scenes.
-  config.dataset = 'coco/2017'         # 'coco/2017' | 'digit_scenes'
+  # Data (reviewkd_jax/detection/data.py): COCO 2017 from tfds, the offline digit scenes, or
+  # your own COCO-format data ('coco_json', docs/custom.md).
+  config.dataset = 'coco/2017'         # 'coco/2017' | 'digit_scenes' | 'coco_json'
   config.data_dir = ''                 # tfds data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.annotations_dir = ''          # instances_{train,val}2017.json (masks, evaluation)
+  config.train_annotations = ''        # 'coco_json': the training split's instances json,
+  config.train_images = ''             # the folder its file_names are in,
+  config.eval_annotations = ''         # the evaluation split's json
+  config.eval_images = ''              # and images ('' = train_images)
   config.train_min_sizes = (640, 672, 704, 736, 768, 800)  # shorter side, drawn per image
   config.train_max_size = 1333
   config.test_min_size = 800

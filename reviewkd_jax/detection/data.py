@@ -1,4 +1,5 @@
-"""Detection input pipelines (COCO 2017 from tfds; the offline digit scenes), per process.
+"""Detection input pipelines (COCO 2017 from tfds; the offline digit scenes; your own COCO-format
+json and images, `coco_json.py`), per process.
 
 Batch format (the contract with the detector): each host batch is a dict of numpy arrays,
 B = the process's share of the global batch:
@@ -40,11 +41,12 @@ Processes and determinism. Training is an endless stream, like Detectron2's
 out first. COCO (streamed): process p reads its even share of the training files
 (`tfds.split_for_jax_process`), shuffles files and a buffer with a seed derived from
 (seed, p), and augments the k-th example of its stream with the stateless seed
-(that seed, k): deterministic for a given process count. The digit scenes (in memory): as the
-classification pipeline, every process draws the same permutation per epoch from
-(seed, epoch), global batch s is positions [s * B, (s + 1) * B) of the epochs laid end to end
-(each epoch drops its remainder), and process p takes its consecutive rows, augmented with
-(seed, global position): the global batches do not depend on the process count. Either way
+(that seed, k): deterministic for a given process count. The digit scenes and a COCO-format
+json of yours (in memory; images read from their files): as the classification pipeline,
+every process draws the same permutation per epoch from (seed, epoch), global batch s is
+positions [s * B, (s + 1) * B) of the epochs laid end to end (each epoch drops its
+remainder), and process p takes its consecutive rows, augmented with (seed, global
+position): the global batches do not depend on the process count. Either way
 `train_batches(start_step)` resumes exactly. Evaluation: each process reads its even share
 of the evaluation split in order; every process runs `eval_steps` batches, the last ones
 completed with `valid=False` padding.
@@ -72,7 +74,7 @@ import tensorflow_datasets as tfds
 
 from reviewkd_jax.data import DatasetNotFoundError
 from reviewkd_jax.data.shares import derive_seed, process_share, tfds_data_dir
-from reviewkd_jax.detection import evaluation, scenes
+from reviewkd_jax.detection import coco_json, evaluation, scenes
 
 Batch = dict[str, np.ndarray]
 
@@ -100,11 +102,17 @@ class DetectionDataConfig:
   `eval_subset` > 0 keep the first that many images of the split (quick runs).
   `annotations_dir` holds instances_{train,val}2017.json (masks, and the official ground
   truth for evaluation); empty means `<data_dir>/annotations`, then the annotation zip tfds
-  extracted under `<data_dir>/downloads/extracted`.
+  extracted under `<data_dir>/downloads/extracted`. `dataset='coco_json'` reads your own
+  COCO-format data instead (`coco_json.py`): `train_annotations`/`eval_annotations` are the
+  instances jsons, `train_images`/`eval_images` the folders their `file_name`s are in.
   """
-  dataset: str = 'coco/2017'  # or 'digit_scenes'
+  dataset: str = 'coco/2017'  # or 'digit_scenes', 'coco_json'
   data_dir: str = ''
   annotations_dir: str = ''
+  train_annotations: str = ''  # 'coco_json': the instances jsons and their image folders
+  train_images: str = ''
+  eval_annotations: str = ''
+  eval_images: str = ''  # '' = train_images
   train_split: str = 'train'
   eval_split: str = 'validation'
   train_min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
@@ -273,6 +281,29 @@ def _padding_example(config: DetectionDataConfig) -> dict:
           'image_id': tf.constant(-1, tf.int64), 'boxes': tf.zeros([g, 4], tf.float32),
           'labels': tf.zeros([g], tf.int32), 'gt_valid': tf.zeros([g], tf.bool),
           'valid': tf.constant(False), '_num_boxes': tf.constant(0, tf.int32)}
+
+
+def _shuffled_rows(num: int, seed: int, start_step: int, what: str, *, local_batch: int,
+                   global_batch: int, process_index: int) -> tf.data.Dataset:
+  """Returns this process's endless (global position, row) pairs over `num` in-memory
+  examples from step `start_step` on: epochs of num // global_batch steps (the remainder
+  dropped), position k of epoch e holds row index_shuffle(k, (seed, e)), and the process
+  takes its consecutive rows of each global batch."""
+  steps_per_epoch = num // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f'{num} {what} are fewer than one global batch of {global_batch}.')
+  offset = process_index * local_batch
+
+  def pair(i):
+    step = start_step + i // local_batch
+    epoch, in_epoch = step // steps_per_epoch, step % steps_per_epoch
+    k = in_epoch * global_batch + offset + i % local_batch
+    row = tf.random.experimental.index_shuffle(
+        k, tf.stack([tf.constant(seed, tf.int64), epoch]), num - 1)
+    return step * global_batch + offset + i % local_batch, row
+
+  return tf.data.Dataset.range(2 ** 62).map(pair, num_parallel_calls=tf.data.AUTOTUNE,
+                                            deterministic=True)
 
 
 _warned = set()
@@ -585,24 +616,13 @@ class SceneSource:
   def train_examples(self, start_step: int, *, local_batch: int, global_batch: int
                      ) -> tf.data.Dataset:
     """Returns this process's endless (global position, raw example) pairs from step
-    `start_step` on: position k of epoch e holds scene index_shuffle(k, (seed, e))."""
-    steps_per_epoch = self.num_train // global_batch
-    if steps_per_epoch == 0:
-      raise ValueError(f'{self.num_train} training scenes are fewer than one global batch '
-                       f'of {global_batch}.')
+    `start_step` on (`_shuffled_rows`)."""
     arrays = self._tensors(self.train)
-    seed, offset = self.augment_seed, self.process_index * local_batch
-
-    def example(i):
-      step = start_step + i // local_batch
-      epoch, in_epoch = step // steps_per_epoch, step % steps_per_epoch
-      k = in_epoch * global_batch + offset + i % local_batch
-      row = tf.random.experimental.index_shuffle(
-          k, tf.stack([tf.constant(seed, tf.int64), epoch]), self.num_train - 1)
-      return step * global_batch + offset + i % local_batch, self._raw(arrays, row)
-
-    return tf.data.Dataset.range(2 ** 62).map(
-        example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    rows = _shuffled_rows(self.num_train, self.augment_seed, start_step, 'training scenes',
+                          local_batch=local_batch, global_batch=global_batch,
+                          process_index=self.process_index)
+    return rows.map(lambda position, row: (position, self._raw(arrays, row)),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def eval_examples(self) -> tf.data.Dataset:
     """Returns this process's contiguous share of the evaluation scenes, in order."""
@@ -622,19 +642,110 @@ def _first(data: scenes.DigitScenes, n: int) -> scenes.DigitScenes:
                                for f in dataclasses.fields(data)})
 
 
+# ----------------------------------------------------------------------------- your COCO json
+
+class CocoJsonSource:
+  """A COCO-format json and image folder per split, held in memory on every process like the
+  digit scenes (same batches on any process count, exact resume); images are read and
+  decoded in the pipeline, masks rasterised from the json when a training batch needs them.
+  Training reads the images with a non-crowd annotation (all images without
+  `filter_empty`); `train_subset`/`eval_subset` keep the first N by image id."""
+
+  def __init__(self, config: DetectionDataConfig, *, process_index: int, process_count: int):
+    self.config = config
+    self.process_index, self.process_count = process_index, process_count
+    unset = [f'config.{name}' for name in ('train_annotations', 'train_images',
+                                           'eval_annotations') if not getattr(config, name)]
+    if unset:
+      raise ValueError(
+          f"dataset='coco_json' reads your own COCO-format data: set {', '.join(unset)} (the "
+          'instances jsons of the training and evaluation splits and the folder of the '
+          'training images; eval_images defaults to it). See docs/custom.md.')
+    train = coco_json.read_split(config.train_annotations, config.train_images,
+                                 masks=config.masks)
+    self.category_ids = train.category_ids
+    self.eval = coco_json.read_split(config.eval_annotations,
+                                     config.eval_images or config.train_images,
+                                     category_ids=self.category_ids, masks=config.masks,
+                                     evaluation=True)
+    rows = train.rows_with_objects() if config.filter_empty else np.arange(len(train))
+    if not len(rows):
+      raise coco_json.CocoJsonError(f'{config.train_annotations}: no image has a non-crowd '
+                                    'annotation; there is nothing to train on.')
+    self.train = train.take(rows[:config.train_subset or None])
+    if len(self.train) < config.batch_size:
+      raise coco_json.CocoJsonError(
+          f'{config.train_annotations}: {len(self.train)} training images (with a non-crowd '
+          f'annotation{", of train_subset" if config.train_subset else ""}) are fewer than '
+          f'one global batch (batch_size={config.batch_size}): lower config.batch_size or '
+          'add images.')
+    if config.eval_subset:
+      self.eval = self.eval.take(np.arange(min(config.eval_subset, len(self.eval))))
+    self.num_train, self.num_eval = len(self.train), len(self.eval)
+    self.augment_seed = derive_seed(config.seed)  # the same on every process
+
+  @staticmethod
+  def _tensors(split: coco_json.CocoJsonSplit) -> dict:
+    return {name: tf.constant(getattr(split, name)) for name in (
+        'paths', 'image_ids', 'row_splits', 'boxes', 'labels', 'is_crowd')}
+
+  @staticmethod
+  def _raw(split: coco_json.CocoJsonSplit, arrays: dict, row, *, masks: bool) -> dict:
+    """Returns the raw example of image `row`: decoded, its annotations (crowd ones too)."""
+    image = tf.io.decode_image(tf.io.read_file(arrays['paths'][row]), channels=3,
+                               expand_animations=False)
+    start, stop = arrays['row_splits'][row], arrays['row_splits'][row + 1]
+    raw = {'image': image, 'image_id': arrays['image_ids'][row],
+           'boxes': arrays['boxes'][start:stop], 'labels': arrays['labels'][start:stop],
+           'is_crowd': arrays['is_crowd'][start:stop]}
+    if masks:
+      raw['masks'] = tf.ensure_shape(tf.numpy_function(
+          split.masks, [row], tf.uint8, stateful=False), [None, None, None])
+    return raw
+
+  def train_examples(self, start_step: int, *, local_batch: int, global_batch: int
+                     ) -> tf.data.Dataset:
+    """Returns this process's endless (global position, raw example) pairs from step
+    `start_step` on (`_shuffled_rows`)."""
+    arrays, masks = self._tensors(self.train), self.config.masks
+    rows = _shuffled_rows(self.num_train, self.augment_seed, start_step,
+                          f'training images (of {self.config.train_annotations})',
+                          local_batch=local_batch, global_batch=global_batch,
+                          process_index=self.process_index)
+    return rows.map(
+        lambda position, row: (position, self._raw(self.train, arrays, row, masks=masks)),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def eval_examples(self) -> tf.data.Dataset:
+    """Returns this process's contiguous share of the evaluation images, in id order."""
+    arrays = self._tensors(self.eval)
+    share = process_share(self.num_eval, self.process_index, self.process_count)
+    return tf.data.Dataset.range(share.start, share.stop).map(
+        lambda row: self._raw(self.eval, arrays, row, masks=False),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def ground_truth(self) -> evaluation.COCO:
+    """Returns the evaluation json's annotations (the json's category ids, crowd regions
+    as crowd) as a COCO object."""
+    return self.eval.coco()
+
+
 def create_detection_pipeline(config: DetectionDataConfig, *, process_index: int = 0,
                               process_count: int = 1) -> DetectionPipeline:
-  """Returns the pipeline of `config.dataset` ('coco/2017' or 'digit_scenes').
+  """Returns the pipeline of `config.dataset` ('coco/2017', 'digit_scenes' or 'coco_json').
 
   Raises DetectionDataNotFoundError (a DatasetNotFoundError) saying what to download when
-  COCO or, with masks, its annotation json is missing.
+  COCO or, with masks, its annotation json is missing; for 'coco_json', DatasetNotFoundError
+  (a json or folder missing) or coco_json.CocoJsonError (a ValueError naming what is wrong).
   """
   share = dict(process_index=process_index, process_count=process_count)
   if config.dataset == 'digit_scenes':
     source = SceneSource(config, **share)
+  elif config.dataset == 'coco_json':
+    source = CocoJsonSource(config, **share)
   elif config.dataset.startswith('coco/'):
     source = CocoSource(config, **share)
   else:
     raise ValueError(f"Unknown detection dataset {config.dataset!r}; known: 'coco/2017', "
-                     "'digit_scenes'.")
+                     "'digit_scenes', 'coco_json' (your own COCO-format json and images).")
   return DetectionPipeline(config, source, **share)
