@@ -8,6 +8,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default config: CIFAR-100, a network trained alone, the authors' recipe."""
   config = ml_collections.ConfigDict()
+  config.task = 'classification'       # 'classification' | 'detection' | 'suite' (train/tasks.py)
 
   # Data.
   config.dataset = 'cifar100'          # 'cifar100' | 'imagenet2012' | 'digits' | the path of
