@@ -60,11 +60,6 @@ _RESUME_KEYS = ('dataset', 'backbone', 'mask', 'convention', 'batch_size', 'seed
 METHODS = tuple(methods_lib.list_detection_methods())
 
 
-def is_detection(config: ml_collections.ConfigDict) -> bool:
-  """Returns True for a detection config (`config.task == 'detection'`)."""
-  return config.get('task', 'classification') == 'detection'
-
-
 DetectionResult = RunResult  # the former name of a detection run's result
 
 

@@ -6,6 +6,7 @@
   settings (`trained_settings`, `check_same_run`), in one sentence naming what differs;
 - `record_config` (config.json and TensorBoard hparams), `finished_model_meta` (a rerun of a
   finished run), `check_counts` and `check_batch_divides`;
+- `read_renamed_fields` (a field's former name, read for one release);
 - `StopSignal` (SIGTERM), `RunResult`, `is_stopped`, `EXIT_STOPPED`, `storage_fault`.
 
 Imports no task: the classification run (`trainer`) and the detection run (`detection`)
@@ -13,6 +14,7 @@ both build on it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import signal
@@ -166,13 +168,22 @@ def _override(field: str, value: Any) -> str:
 
 
 def check_same_settings(meta: dict, settings: dict, workdir: str,
-                        resumable: tuple[str, ...]) -> bool:
+                        resumable: tuple[str, ...],
+                        renamed: Mapping[str, str] | None = None) -> bool:
   """Raises OtherRunError, in one sentence naming each field, both values and what to do,
   when a checkpoint's saved `SETTINGS` differ from `settings`; returns False when the
-  checkpoint saved none (it predates them: the caller compares what it has)."""
+  checkpoint saved none (it predates them: the caller compares what it has).
+
+  `renamed` ({former name: name}): a checkpoint saved before a field was renamed is compared
+  under the field's new name.
+  """
   stored = meta.get(SETTINGS)
   if stored is None:
     return False
+  stored = dict(stored)
+  for old, new in (renamed or {}).items():
+    if old in stored and new not in stored:
+      stored[new] = stored.pop(old)
   changed = sorted(k for k in settings.keys() & stored.keys() if settings[k] != stored[k])
   if changed:
     differences = '; '.join(f'{k}: {_shown(stored[k])} in the checkpoint, '
@@ -241,14 +252,16 @@ def start_run(workdir: str, set_up: Callable[[], _Setup],
 
 
 def check_same_run(meta: dict, run_meta: dict, workdir: str, resumable: Sequence[str],
-                   legacy_keys: Sequence[str], implied: Mapping[str, Any] | None = None) -> bool:
+                   legacy_keys: Sequence[str], implied: Mapping[str, Any] | None = None,
+                   renamed: Mapping[str, str] | None = None) -> bool:
   """Raises OtherRunError unless a checkpoint's `meta` is of the run `run_meta` describes.
 
   Compares the saved settings (`check_same_settings`, returns True); a checkpoint saved
   without them is compared on `legacy_keys` and the fields of `implied`, whose values are
-  what a checkpoint lacking the field implies (returns False).
+  what a checkpoint lacking the field implies (returns False). `renamed`: see
+  `check_same_settings`.
   """
-  if check_same_settings(meta, run_meta[SETTINGS], workdir, tuple(resumable)):
+  if check_same_settings(meta, run_meta[SETTINGS], workdir, tuple(resumable), renamed):
     return True
   implied = implied or {}
   stored = {k: meta.get(k, implied.get(k)) for k in (*legacy_keys, *implied)}
@@ -300,3 +313,26 @@ def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int,
     if config[name] % num_devices:
       raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
                        f'devices ({num_devices}): it is the global batch, split over them.')
+
+
+def read_renamed_fields(config: ml_collections.ConfigDict,
+                        renamed: Mapping[str, str]) -> ml_collections.ConfigDict:
+  """Returns `config` with the value of each set former field name ({former: name}) moved to
+  its new name, with a one-line deprecation warning each; `config` itself is not changed.
+
+  Raises ValueError when a config sets both names to different values.
+  """
+  used = [old for old in renamed if old in config and config[old]]
+  if not used:
+    return config
+  config = copy.deepcopy(config)
+  for old in used:
+    new = renamed[old]
+    if config[new] and config[new] != config[old]:
+      raise ValueError(f'config.{old} (the former name of config.{new}) and config.{new} are '
+                       f'both set, to different values: set config.{new} only.')
+    logging.warning('config.%s is deprecated and will be removed in the next release: it is '
+                    'read as config.%s; use that name.', old, new)
+    config[new] = config[old]
+    config[old] = type(config[old])()
+  return config

@@ -31,9 +31,9 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
                 devices=None) -> dict[str, RunResult]:
   """Trains `config.runs[name]` for each name of `config.run_order` in `workdir/<name>`.
 
-  '{workdir}' in a run's teacher weights (`teacher_checkpoint`, `teacher_weights`) names the suite's workdir, so a run can distil
-  from a teacher an earlier run trained. Prints and writes (`summary.json`) the final and
-  best top-1 of every run; with `config.groups` (name -> run names) and `config.compare`
+  '{workdir}' in a text field of a run (its `teacher_weights`) names the suite's workdir, so
+  a run can distil from a teacher an earlier run trained. Prints and writes (`summary.json`)
+  the final figure of every run (and the best top-1 of a classification run); with `config.groups` (name -> run names) and `config.compare`
   (two group names), also each group's mean and spread and the difference of the two means,
   in one sentence (over the runs of `run_order`: a subset leaves out what it lacks); and
   plots every run's evaluations (`accuracy.png`). A run that stops before its end (SIGTERM,
@@ -55,7 +55,9 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
   results = {}
   for name in config.run_order:
     run = copy.deepcopy(config.runs[name])
-    run[task.teacher_field] = run[task.teacher_field].replace('{workdir}', workdir)
+    for field, value in run.items():
+      if isinstance(value, str) and '{workdir}' in value:
+        run[field] = value.replace('{workdir}', workdir)
     logging.info('=== %s: %s (method %s) in %s/%s', name, task.network(run), run.method,
                  workdir, name)
     results[name] = task.train(run, f'{workdir}/{name}', devices=devices)

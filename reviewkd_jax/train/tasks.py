@@ -42,7 +42,6 @@ class Task:
   train: Callable[..., Any]      # (config, workdir, *, devices=None) -> RunResult
   network: Callable[[ml_collections.ConfigDict], str]          # the student, e.g. 'resnet8'
   teacher_network: Callable[[ml_collections.ConfigDict], str]
-  teacher_field: str             # the field naming the teacher's weights ('{workdir}' expands)
   scores: Callable[[Any], dict]  # a result's summary columns; 'final' is the one compared
   metric: dict                   # 'key', 'name', 'unit', 'scale' of the compared figure
   header: str                    # the summary table's title, with {dataset}
@@ -70,7 +69,6 @@ TASKS = {
     CLASSIFICATION: Task(
         name=CLASSIFICATION, train=trainer.train_and_evaluate,
         network=lambda run: run.model, teacher_network=lambda run: run.teacher,
-        teacher_field='teacher_checkpoint',
         scores=_classification_scores,
         metric={'key': 'top1', 'name': 'top-1', 'unit': '%', 'scale': 1.0},
         header='Results on {dataset} (eval split), final / best top-1:',
@@ -79,7 +77,7 @@ TASKS = {
     DETECTION: Task(
         name=DETECTION, train=detection.train_detector,
         network=lambda run: f'{run.backbone}-FPN',
-        teacher_network=lambda run: run.teacher_backbone, teacher_field='teacher_weights',
+        teacher_network=lambda run: run.teacher_backbone,
         scores=_detection_scores,
         metric={'key': 'bbox/AP', 'name': 'box AP', 'unit': '', 'scale': 100.0},
         header='Results on {dataset} (held-out), final box AP / mask AP:',

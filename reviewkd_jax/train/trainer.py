@@ -41,6 +41,8 @@ RESUMABLE_FIELDS = ('data_dir', 'prefetch_batches', 'eval_batch_size', 'eval_tea
                     'stop_after_step')
 # Checkpoints saved without `SETTINGS` are compared on these fields of their metadata, and
 # the method's own `run_fields` (distill.base.Method).
+# Fields renamed, {former name: name}: a config setting the former is read for one release.
+RENAMED_FIELDS = {'teacher_checkpoint': 'teacher_weights'}
 _RESUME_KEYS = ('dataset', 'train_subset', 'model', 'method', 'teacher', 'batch_size',
                 'steps_per_epoch', 'seed')
 
@@ -77,7 +79,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   a workdir of another experiment, no readable checkpoint), before any work and before
   anything in the workdir is written.
   """
-  return run_core.start_run(workdir, lambda: _set_up(config, workdir, devices),
+  return run_core.start_run(workdir, lambda: _set_up(
+      run_core.read_renamed_fields(config, RENAMED_FIELDS), workdir, devices),
                             lambda setup, writer: _train(setup, workdir, writer))
 
 
@@ -88,10 +91,10 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   method = setup_lib.check_config(config, mesh)
   pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-  if method.uses_teacher and not config.teacher_checkpoint:
+  if method.uses_teacher and not config.teacher_weights:
     raise ValueError(
         f'config.method={config.method!r} distils from a teacher: set '
-        '--config.teacher_checkpoint=PATH, a .pt/.pth state_dict (torchvision\'s weights for '
+        '--config.teacher_weights=PATH, a .pt/.pth state_dict (torchvision\'s weights for '
         'ImageNet teachers) or the workdir of a baseline run of this trainer (e.g. of '
         'configs/cifar100_baseline.py:model=resnet56).')
   # This run's training-set size (train_subset, mock data), e.g. for CRD's memory bank.
@@ -116,7 +119,7 @@ def _set_up(config, workdir: str, devices) -> _Setup:
     teacher_variables, teacher_source = None, None
     if run.teacher is not None:
       teacher_variables, teacher_source = teacher_lib.load_teacher(
-          config.teacher_checkpoint, run.teacher, name=config.teacher, dataset=config.dataset,
+          config.teacher_weights, run.teacher, name=config.teacher, dataset=config.dataset,
           image_shape=spec.image_shape, mesh=mesh)
     constants = run.method.prepare(config, spec, teacher=run.teacher,
                                    teacher_variables=teacher_variables,
@@ -136,7 +139,7 @@ def _check_same_run(meta: dict, run_meta: dict, run_fields: dict, workdir: str) 
   `run_fields` are the method's own fields, with the value a checkpoint lacking one implies.
   """
   if run_core.check_same_run(meta, run_meta, workdir, RESUMABLE_FIELDS, _RESUME_KEYS,
-                            implied=run_fields):
+                            implied=run_fields, renamed=RENAMED_FIELDS):
     if meta.get('steps_per_epoch') != run_meta['steps_per_epoch']:
       raise checkpoint_lib.OtherRunError(
           f'{workdir} holds the checkpoints of a run of {meta.get("steps_per_epoch")} steps per '
