@@ -1,17 +1,15 @@
-"""`train_detector(config, workdir)`: one detection run, a Faster/Mask R-CNN trained alone.
+"""`train_detector(config, workdir)`: one detection run, a Faster/Mask R-CNN trained alone or
+distilled from a frozen teacher detector (`config.method`, `detection/methods/`).
 
-Detectron2's recipe (`Base-RCNN-FPN`, `SOLVER`): SGD with momentum 0.9, weight decay 1e-4
-on every trainable parameter, lr `learning_rate * batch_size / base_batch_size` with a linear
-warm-up from `warmup_factor` over `warmup_steps` and x`lr_gamma` at each of `lr_steps`
-(`WarmupMultiStepLR`), the stem, res2 and every backbone BatchNorm frozen, iterations rather
-than epochs. The loss is the sum of the RPN's and the RoI heads' losses. Evaluation is COCO
-box (and mask) AP through pycocotools over every evaluation image once, every
+Detectron2's recipe: SGD with momentum on every trainable parameter (the stem, res2 and every
+backbone BatchNorm frozen), `WarmupMultiStepLR` over iterations; the loss is the RPN's and RoI
+heads' plus the method's terms. COCO box (and mask) AP over every evaluation image, every
 `eval_every_steps` and at the end; the final model is exported to `<workdir>/final`.
 
-Read top to bottom: `_set_up` builds the detector, the data, the train state (resumed from
-the newest usable checkpoint, or initialised from `config.weights`) and checks everything
-without writing (a mistake is one `SetupError`); `_train` runs the loop. `max_steps=0`
-evaluates the loaded weights only (a teacher's AP).
+Read top to bottom: `_set_up` builds the detector, the method's adapter, the data and the
+train state (resumed, or initialised from `config.weights`) without writing (a mistake is one
+`SetupError`, `run_core`); `make_train_step` is the jitted step; `_train` runs the loop.
+`max_steps=0` evaluates the loaded weights only (a teacher's AP).
 """
 from __future__ import annotations
 
