@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec
 from reviewkd_jax import data as data_lib
 from reviewkd_jax.detection import backbone as backbone_lib
 from reviewkd_jax.detection import data as det_data
+from reviewkd_jax.detection import distill as det_distill  # noqa: F401  (read as detection.det_distill)
 from reviewkd_jax.detection import evaluation
 from reviewkd_jax.detection import methods as methods_lib
 from reviewkd_jax.detection import model as model_lib
@@ -187,14 +188,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
 
 
 def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
-                    teacher: model_lib.RCNN | None = None, adapter: nn.Module | None = None):
+                    teacher: model_lib.RCNN | None = None, adapter: nn.Module | None = None,
+                    head: nn.Module | None = None):
   """Returns the jitted step (state, batch, teacher_variables) -> (state, metrics).
 
   The batch is split over `mesh`. With a distillation method (`config.method`), the frozen
   teacher's features enter the method's loss terms without gradient; `state.params` is
-  {'student': ..., 'distill': the method's adapter}.
+  {'student': ..., 'distill': the method's adapter}. `head` is the former name of `adapter`.
   """
   method = methods_lib.get_detection_method(config.method)
+  adapter = head if adapter is None else adapter
 
   def step(state: state_lib.TrainState, batch, teacher_variables):
     key = jax.random.fold_in(state.rng, state.step)

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from reviewkd_jax.distill.base import Registry
+
 
 @dataclasses.dataclass(frozen=True)
 class DetectionLossContext:
@@ -76,25 +78,20 @@ class DetectionMethod:
   run_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-_METHODS: dict[str, DetectionMethod] = {}
+_REGISTRY = Registry('detection method', lambda name, known: (
+    f'config.method={name!r} is not a detection method; choose one of {", ".join(known)}.'))
 
 
 def register_detection_method(method: DetectionMethod) -> DetectionMethod:
   """Registers `method` under `method.name` and returns it."""
-  if method.name in _METHODS:
-    raise ValueError(f'detection method {method.name!r} registered twice')
-  _METHODS[method.name] = method
-  return method
+  return _REGISTRY.register(method)
 
 
 def list_detection_methods() -> list[str]:
   """Returns the sorted names of the registered detection methods."""
-  return sorted(_METHODS)
+  return _REGISTRY.names()
 
 
 def get_detection_method(name: str) -> DetectionMethod:
   """Returns the method registered as `name`, or raises ValueError listing the known ones."""
-  if name not in _METHODS:
-    raise ValueError(f'config.method={name!r} is not a detection method; choose one of '
-                     f'{", ".join(list_detection_methods())}.')
-  return _METHODS[name]
+  return _REGISTRY.get(name)
