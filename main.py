@@ -6,6 +6,7 @@
 Rerunning with the same --workdir resumes from its latest checkpoint.
 """
 import difflib
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -14,15 +15,15 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
 from reviewkd_jax.data.image_folder import register_from_config
 from reviewkd_jax.models.registry import set_outputs_from_config
 from reviewkd_jax.train import EXIT_STOPPED, SetupError, is_stopped, storage_fault
-from reviewkd_jax.train import is_suite, train_and_evaluate, train_suite
+from reviewkd_jax.train import tasks, train_suite
 from reviewkd_jax.train.progress import NonFiniteLossError
-from reviewkd_jax.train.detection import is_detection, train_detector
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the exported models.')
@@ -88,12 +89,12 @@ def main(argv):
   except ValueError as e:
     raise SystemExit(f'\n{e}') from None
   try:
-    if is_detection(FLAGS.config):
-      result = train_detector(FLAGS.config, FLAGS.workdir)
-    elif is_suite(FLAGS.config):
-      result = train_suite(FLAGS.config, FLAGS.workdir)
-    else:
-      result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    task = tasks.task_of(FLAGS.config)
+  except ValueError as e:
+    raise SystemExit(f'\n{e}') from None
+  train = train_suite if task == tasks.SUITE else tasks.TASKS[task].train
+  try:
+    result = train(FLAGS.config, FLAGS.workdir)
   except SetupError as e:
     raise SystemExit(f'\n{e}') from None  # a setup step to do, not a bug: no traceback
   except NonFiniteLossError as e:
@@ -110,52 +111,90 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; a `--config.FIELD` override naming no field exits with a clear message."""
+  """Parses flags; a config file that cannot be loaded, a `get_config` argument it refuses and
+  a `--config.FIELD` override naming no field each exit with one message.
+
+  The config file and the overrides are checked here, before absl and ml_collections parse
+  them, so that the messages do not depend on those libraries' error texts.
+  """
+  config = _load_config(argv)
+  if config is not None:
+    _check_overrides(config, argv)
   try:
-    remaining = FLAGS(argv)
-    _check_config_file(argv)
-    return remaining
-  except flags.IllegalFlagValueError as e:
-    # A config file's get_config raised (e.g. a bad `:key=value` argument); ml_collections
-    # wraps the error in its traceback, whose last line is 'ValueError: <message>'.
-    message = str(e).strip().splitlines()[-1]
-    raise SystemExit(message.partition(': ')[2] if 'Error whilst parsing config' in str(e)
-                     else message) from None
+    return FLAGS(argv)
   except flags.UnrecognizedFlagError as e:
     name = getattr(e, 'flagname', '') or ''
     raise SystemExit(
         f'Unknown flag --{name}: a --config.FIELD override needs --config=FILE (e.g. '
-        '--config=configs/default.py).' if name.startswith('config.') and
-        not any(a.startswith('--config=') for a in argv) else str(e)) from None
-  except (AttributeError, KeyError) as e:
-    overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
-    message = str(e.args[0] if e.args else e).replace("\\'", "'").replace('\\n', '\n')
-    hint = next((l.strip("'\\ ") for l in message.splitlines() if 'Did you mean' in l), '')
-    bad = next((o for o in overrides if o.split('.')[0] in message), ', '.join(overrides))
-    raise SystemExit(
-        f'Unknown config field {bad!r} (--config.{bad}). {hint} Config fields are the names '
-        f'in configs/default.py and in the config file; overrides cannot add new ones (the '
-        f'config is locked).'.replace('  ', ' ')) from None
+        '--config=configs/default.py).' if name.startswith('config.') and config is None
+        else str(e)) from None
+  except flags.Error as e:
+    raise SystemExit(str(e)) from None
 
 
-def _check_config_file(argv: list[str]) -> None:
-  """Exits with one line when the --config file cannot be read (ml_collections loads it on
-  first use and reports a missing file as two chained OSErrors)."""
+def _config_argument(argv: list[str]) -> str | None:
+  """Returns the value of --config (`--config=FILE[:ARG]` or `--config FILE[:ARG]`), or None."""
+  for i, arg in enumerate(argv[1:], start=1):
+    for prefix in ('--config=', '-config='):
+      if arg.startswith(prefix):
+        return arg[len(prefix):]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(argv: list[str]):
+  """Returns the --config file's `get_config(ARG)` (None without --config: absl says it is
+  required), exiting with one line for a missing or unreadable file or a refused ARG."""
+  given = _config_argument(argv)
+  if given is None:
+    return None
+  path, colon, arg = given.partition(':')
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path) or '.'
+    names = (sorted(n for n in os.listdir(folder) if n.endswith('.py'))
+             if os.path.isdir(folder) else [])
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    hint = f' Did you mean {os.path.join(os.path.dirname(path), close[0])}?' if close else ''
+    raise SystemExit(f'The config file {path} does not exist.{hint} Config files are in '
+                     'configs/ (README: Training).')
   try:
-    FLAGS.config.get('task')
+    spec = importlib.util.spec_from_file_location('_checked_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
   except OSError as e:
-    given = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
-    path = given.split(':', 1)[0]
-    if path and not os.path.exists(path):
-      folder = os.path.dirname(path) or '.'
-      names = (sorted(n for n in os.listdir(folder) if n.endswith('.py'))
-               if os.path.isdir(folder) else [])
-      close = difflib.get_close_matches(os.path.basename(path), names, n=1)
-      hint = f' Did you mean {os.path.join(os.path.dirname(path), close[0])}?' if close else ''
-      raise SystemExit(f'The config file {path} does not exist.{hint} Config files are in '
-                       'configs/ (README: Training).') from None
-    raise SystemExit(f'The config file {path} cannot be read: '
-                     f'{str(e).strip().splitlines()[-1].strip()}') from None
+    raise SystemExit(f'The config file {path} cannot be read: {e.strerror or e}.') from None
+  if not hasattr(module, 'get_config'):
+    raise SystemExit(f'The config file {path} defines no get_config(): a config file returns '
+                     'its ConfigDict from get_config() (see configs/default.py).')
+  try:
+    return module.get_config(*([arg] if colon else []))
+  except (ValueError, TypeError) as e:
+    raise SystemExit(str(e)) from None
+
+
+def _check_overrides(config, argv: list[str]) -> None:
+  """Exits with one line for a `--config.FIELD=...` naming no field of `config` (overrides
+  cannot add fields: the config is locked)."""
+  for arg in argv[1:]:
+    for prefix in ('--config.', '--noconfig.', '-config.', '-noconfig.'):
+      if arg.startswith(prefix):
+        break
+    else:
+      continue
+    field = arg[len(prefix):].split('=', 1)[0]
+    node = config
+    for part in field.split('.'):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        break  # inside a value that is not a dict: ml_collections checks it
+      if part not in node:
+        close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
+        hint = f' Did you mean {close[0]!r}?' if close else ''
+        raise SystemExit(
+            f'Unknown config field {field!r} (--config.{field}).{hint} Config fields are the '
+            'names in configs/default.py and in the config file; overrides cannot add new '
+            'ones (the config is locked).')
+      node = node[part]
 
 
 if __name__ == '__main__':

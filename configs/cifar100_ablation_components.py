@@ -3,7 +3,7 @@ mechanism (RM), the residual learning framework (RLF), attention-based fusion (A
 hierarchical context loss (HCL) switched on one by one (docs/ablations.md, section 4).
 
   python main.py --config=configs/cifar100_ablation_components.py:row=rm_rlf \
-      --workdir=runs/ablation_components_rm_rlf --config.teacher_checkpoint=TEACHER
+      --workdir=runs/ablation_components_rm_rlf --config.teacher_weights=TEACHER
 
 ROW: a name of ROWS. TEACHER: the workdir of `configs/cifar100_baseline.py:model=wrn_40_2`,
 or a CRD/ReviewKD `.pt`/`.pth` state_dict of a CIFAR-100 wrn_40_2. The published numbers are

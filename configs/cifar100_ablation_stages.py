@@ -2,7 +2,7 @@
 stage, for every student stage i and teacher stage j in 1..4 (docs/ablations.md, section 3).
 
   python main.py --config=configs/cifar100_ablation_stages.py:student_stage=3,teacher_stage=4 \
-      --workdir=runs/ablation_stages_s3_t4 --config.teacher_checkpoint=TEACHER
+      --workdir=runs/ablation_stages_s3_t4 --config.teacher_weights=TEACHER
 
 STUDENT_STAGE, TEACHER_STAGE: 1..4, the review levels of the CIFAR ResNets shallow to deep:
 stages 1-3 are the three residual stages (32, 16, 8 px; 16, 32, 64 channels for resnet20 and

@@ -5,7 +5,7 @@
 
 MODEL: any network of LEARNING_RATES (a wrong one lists them). The same recipe as the
 distillation runs (the authors' train.py without a teacher); its workdir is what
-`--config.teacher_checkpoint` of a ReviewKD config takes. The pair configs
+`--config.teacher_weights` of a ReviewKD config takes. The pair configs
 (`cifar100_<teacher>_<student>.py`) are this recipe of the student plus their row of
 configs/pairs.py.
 """

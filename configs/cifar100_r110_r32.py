@@ -3,7 +3,7 @@
 Paper Table 1. Lambda, the published top-1 and every other number of the pair are its row.
 
   python main.py --config=configs/cifar100_r110_r32.py --workdir=runs/r110_r32 \
-      --config.teacher_checkpoint=TEACHER
+      --config.teacher_weights=TEACHER
 
 TEACHER: the workdir of `configs/cifar100_baseline.py:model=resnet110`, or a CRD/ReviewKD
 `.pt`/`.pth` state_dict of a CIFAR-100 resnet110.

@@ -4,7 +4,7 @@ Cross-architecture pair (paper Table 2). Lambda, the published top-1 and every o
 of the pair are its row.
 
   python main.py --config=configs/cifar100_r32x4_shufflev2.py --workdir=runs/r32x4_shufflev2 \
-      --config.teacher_checkpoint=TEACHER
+      --config.teacher_weights=TEACHER
 
 TEACHER: the workdir of `configs/cifar100_baseline.py:model=resnet32x4`, or a CRD/ReviewKD
 `.pt`/`.pth` state_dict of a CIFAR-100 resnet32x4.

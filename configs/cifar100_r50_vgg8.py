@@ -3,7 +3,7 @@
 Cross-architecture pair. Lambda and every other number of the pair are its row.
 
   python main.py --config=configs/cifar100_r50_vgg8.py --workdir=runs/r50_vgg8 \
-      --config.teacher_checkpoint=TEACHER
+      --config.teacher_weights=TEACHER
 
 TEACHER: the workdir of `configs/cifar100_baseline.py:model=ResNet50`, or a CRD/ReviewKD
 `.pt`/`.pth` state_dict of a CIFAR-100 ResNet50.

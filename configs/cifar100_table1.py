@@ -1,7 +1,7 @@
 """The paper's Table 1 on CIFAR-100: each teacher -> student pair with each method.
 
   python main.py --config=configs/cifar100_table1.py:pair=r56_r20,method=crd \
-      --workdir=runs/r56_r20_crd --config.teacher_checkpoint=TEACHER
+      --workdir=runs/r56_r20_crd --config.teacher_weights=TEACHER
 
 PAIR: a 'Table 1' row of configs/pairs.py. METHOD: one column of the table, any registered
 method but 'none' (`reviewkd_jax.train.list_methods()`). A wrong argument lists both.

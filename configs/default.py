@@ -8,6 +8,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default config: CIFAR-100, a network trained alone, the authors' recipe."""
   config = ml_collections.ConfigDict()
+  config.task = 'classification'       # 'classification' | 'detection' | 'suite' (train/tasks.py)
 
   # Data.
   config.dataset = 'cifar100'          # 'cifar100' | 'imagenet2012' | 'digits' | the path of
@@ -32,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.method = 'none'               # a registered method (reviewkd_jax.train.list_methods()):
                                        # 'none' trains config.model alone
   config.teacher = ''                  # the frozen teacher's model name
-  config.teacher_checkpoint = ''       # .pt/.pth state_dict, or a workdir of a run of this code
+  config.teacher_weights = ''          # .pt/.pth state_dict, or a workdir of a run of this code
+  config.teacher_checkpoint = ''       # deprecated: the former name of teacher_weights
   config.teacher_bn_mode = 'eval'      # 'eval' (running stats) | 'batch_stats' (authors' CIFAR)
   # A network of yours instead of a registered name: model/teacher = 'package.module:Class'
   # (on PYTHONPATH) and the names of its feature outputs, module paths shallow to deep

@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     runs[f'student_{seed}'] = _digits_run(model='resnet8', seed=seed)
     runs[f'reviewkd_{seed}'] = _digits_run(
         model='resnet8', seed=seed, method='reviewkd', teacher='resnet20',
-        teacher_checkpoint='{workdir}/teacher',
+        teacher_weights='{workdir}/teacher',
         # Eval-mode BN: statistics of batches of 25 are too noisy for the teacher (the
         # authors' CIFAR batch-statistics teacher sees batches of 128).
         teacher_bn_mode='eval', reviewkd_weight=1.0, reviewkd_warmup_epochs=4)

@@ -6,6 +6,7 @@ import ml_collections
 def reviewkd_vs_alone(runs: dict, seeds, *, teacher_note: str) -> ml_collections.ConfigDict:
   """Returns the suite config of `runs` ('teacher', 'student_{seed}', 'reviewkd_{seed}')."""
   config = ml_collections.ConfigDict()
+  config.task = 'suite'
   config.runs = ml_collections.ConfigDict(runs)
   config.run_order = tuple(runs)
   config.groups = ml_collections.ConfigDict({

@@ -74,3 +74,60 @@ def test_distill_base_imports_no_method():
   source = (PACKAGE / 'distill' / 'base.py').read_text()
   for name in methods:
     assert f'distill import {name}' not in source and f'distill.{name}' not in source
+
+
+def _modules_imported(path: pathlib.Path) -> set[str]:
+  """Returns the full names of the `reviewkd_jax` modules `path` imports (at any depth)."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      if node.module.startswith('reviewkd_jax'):
+        names.add(node.module)
+        names.update(f'{node.module}.{alias.name}' for alias in node.names)
+    elif isinstance(node, ast.Import):
+      names.update(a.name for a in node.names if a.name.startswith('reviewkd_jax'))
+  return names
+
+
+def _train_modules_reached(start: str) -> set[str]:
+  """Returns the `reviewkd_jax.train` modules `start` reaches through the train modules'
+  imports, and every module of the project they import."""
+  seen, todo = set(), [start]
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    path = PACKAGE / 'train' / f'{name.rsplit(".", 1)[-1]}.py'
+    if name.startswith('reviewkd_jax.train.') and path.exists():
+      todo.extend(_modules_imported(path))
+  return seen
+
+
+def test_the_classification_run_never_reaches_detection():
+  for run in ('trainer', 'setup', 'step'):
+    reached = _train_modules_reached(f'reviewkd_jax.train.{run}')
+    bad = sorted(n for n in reached if n.startswith('reviewkd_jax.detection')
+                 or n in ('reviewkd_jax.train.detection', 'reviewkd_jax.train.tasks',
+                          'reviewkd_jax.train.suite'))
+    assert not bad, f'train/{run}.py reaches {bad}'
+
+
+def test_the_run_core_imports_no_task():
+  reached = _train_modules_reached('reviewkd_jax.train.run_core')
+  assert reached <= {'reviewkd_jax.train.run_core', 'reviewkd_jax.train',
+                     'reviewkd_jax.train.checkpoint'}, reached
+
+
+def test_the_detection_run_does_not_import_the_classification_run():
+  imported = _modules_imported(PACKAGE / 'train' / 'detection.py')
+  for name in ('trainer', 'setup', 'step', 'teacher'):
+    assert f'reviewkd_jax.train.{name}' not in imported
+
+
+def test_detection_method_base_imports_no_method():
+  folder = PACKAGE / 'detection' / 'methods'
+  methods = {p.stem for p in folder.glob('*.py')} - {'__init__', 'base'}
+  assert methods == {'alone', 'reviewkd', 'kd', 'fitnet', 'fgfi'}
+  imported = _modules_imported(folder / 'base.py')
+  assert not any(n.startswith('reviewkd_jax.detection.methods.') for n in imported), imported

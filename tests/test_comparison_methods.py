@@ -194,7 +194,7 @@ def teacher_workdir(tmp_path_factory, teacher_variables):
 
 
 def _crd_run(workdir, teacher_workdir, **fields):
-  config = _tiny('crd', teacher_checkpoint=str(teacher_workdir), **fields)
+  config = _tiny('crd', teacher_weights=str(teacher_workdir), **fields)
   return train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
 
 

@@ -171,7 +171,7 @@ def _assert_close_to_float64(name, ours, t32, t64, factor, floor):
 def _imagenet_config(name, **overrides):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
-  config.teacher_checkpoint = 'unused'
+  config.teacher_weights = 'unused'
   with config.unlocked():
     config.update(overrides)
   return config

@@ -72,7 +72,7 @@ def _config(nets, **fields):
   config.update(dataset='digits', model=f'{nets}:Net', teacher=f'{nets}:Teacher',
                 method='reviewkd', model_outputs=('stage1,stage2',),
                 teacher_outputs=('stage1', 'stage2'), batch_size=8, eval_batch_size=8,
-                teacher_checkpoint='unused')
+                teacher_weights='unused')
   config.update(fields)
   return config
 
@@ -173,7 +173,7 @@ def test_main_distils_imported_networks_by_import_path(nets, tmp_path):
   assert 'Done: final top-1' in proc.stderr and (tmp_path / 'teacher' / 'final').is_dir()
   kd = [f'--workdir={tmp_path / "kd"}', '--config.method=reviewkd', f'--config.model={nets}:Net',
         f'--config.teacher={nets}:Teacher', '--config.teacher_outputs=stage1,stage2',
-        f'--config.teacher_checkpoint={tmp_path / "teacher"}']
+        f'--config.teacher_weights={tmp_path / "teacher"}']
   # ReviewKD without the student's outputs: refused before anything runs.
   proc = run(*kd)
   assert proc.returncode == 1, proc.stderr[-3000:]

@@ -56,7 +56,7 @@ MISTAKES = {
     'unknown_dataset': ((['--config.dataset=cifar10'], None),
                         ["Unknown dataset 'cifar10'", 'known datasets: cifar100']),
     'bad_teacher_bn_mode': ((['--config.method=reviewkd', '--config.teacher=resnet20',
-                              '--config.teacher_checkpoint=x.pth',
+                              '--config.teacher_weights=x.pth',
                               '--config.teacher_bn_mode=train'], None),
                             ["config.teacher_bn_mode must be one of ('eval', 'batch_stats'), "
                              "got 'train'"]),
@@ -66,8 +66,8 @@ MISTAKES = {
                         ['config.batch_size must be >= 1, got 0.']),
     'train_subset_below_one_batch': ((['--config.train_subset=5'], None),
                                      ['config.train_subset=5 is smaller than one batch']),
-    'missing_teacher_checkpoint': ((['--config.method=reviewkd', '--config.teacher=resnet20',
-                                     '--config.teacher_checkpoint=/nonexistent/teacher'], None),
+    'missing_teacher_weights': ((['--config.method=reviewkd', '--config.teacher=resnet20',
+                                     '--config.teacher_weights=/nonexistent/teacher'], None),
                                    ['No checkpoint at /nonexistent/teacher']),
 }
 
@@ -80,10 +80,10 @@ def test_setup_mistake_is_one_message_and_writes_nothing(kind, tmp_path):
   assert not workdir.exists()
 
 
-def test_teacher_checkpoint_of_another_network(tmp_path, resnet8_pth):
+def test_teacher_weights_of_another_network(tmp_path, resnet8_pth):
   workdir = tmp_path / 'run'
   proc = _main(workdir, '--config.method=reviewkd', '--config.teacher=resnet20',
-               f'--config.teacher_checkpoint={resnet8_pth}')
+               f'--config.teacher_weights={resnet8_pth}')
   _assert_refused(proc, "Teacher 'resnet20' cannot be loaded from", 'Missing')
   assert not workdir.exists()
 
@@ -116,7 +116,7 @@ def test_unreadable_teacher_file_is_one_line_naming_it(tmp_path):
   bad = tmp_path / 'teacher.pth'
   bad.write_bytes(np.random.default_rng(0).bytes(4096))
   proc = _main(tmp_path / 'run', '--config.method=reviewkd', '--config.teacher=resnet20',
-               f'--config.teacher_checkpoint={bad}')
+               f'--config.teacher_weights={bad}')
   _assert_refused(proc, f'{bad} (4096 bytes) is not a readable PyTorch weights (.pt/.pth) file')
   assert not (tmp_path / 'run').exists()
 

@@ -5,6 +5,8 @@ epoch) but go through everything a real run does: the input pipeline, the jitted
 step, evaluation with padding, orbax checkpoints, the labelled best/final models, resuming,
 TensorBoard files.
 """
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,7 +33,7 @@ LOSS_RTOL_1_VS_8 = 1e-4
 
 
 def _reviewkd(teacher_workdir, **fields):
-  return _tiny(method='reviewkd', teacher='resnet8', teacher_checkpoint=str(teacher_workdir),
+  return _tiny(method='reviewkd', teacher='resnet8', teacher_weights=str(teacher_workdir),
                teacher_bn_mode='batch_stats', reviewkd_weight=2.0, reviewkd_warmup_epochs=1,
                kd_weight=0.5, **fields)
 
@@ -42,6 +44,7 @@ def suite(tmp_path_factory, mock_cifar100):
   del mock_cifar100
   workdir = tmp_path_factory.mktemp('suite')
   config = ml_collections.ConfigDict({
+      'task': 'suite',
       'runs': {'teacher': _tiny(num_epochs=1),
                'reviewkd': _reviewkd('{workdir}/teacher')},
       'run_order': ('teacher', 'reviewkd')})
@@ -190,7 +193,7 @@ def test_teacher_from_a_pytorch_file(tmp_path):
                              dataset='cifar100', image_shape=(32, 32, 3), mesh=mesh)
 
 
-def test_teacher_checkpoint_of_another_network_is_refused(suite):
+def test_teacher_weights_of_another_network_is_refused(suite):
   workdir, _ = suite
   mesh = state_lib.make_mesh(ONE_DEVICE)
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="holds a 'resnet8'"):
@@ -201,8 +204,19 @@ def test_teacher_checkpoint_of_another_network_is_refused(suite):
     _load(workdir / 'teacher', model='resnet14')
 
 
-def test_distillation_without_teacher_checkpoint_says_what_to_set(tmp_path):
-  with pytest.raises(ValueError, match='--config.teacher_checkpoint=PATH'):
+def test_teacher_weights_under_their_former_name_still_train(suite, tmp_path):
+  workdir, _ = suite
+  config = _reviewkd('', stop_after_step=1)
+  config.teacher_checkpoint = str(workdir / 'teacher')
+  result = train_and_evaluate(config, str(tmp_path / 'run'), devices=ONE_DEVICE)
+  assert result.step == 1
+  recorded = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert (recorded['teacher_weights'], recorded['teacher_checkpoint']) == (
+      str(workdir / 'teacher'), '')
+
+
+def test_distillation_without_teacher_weights_says_what_to_set(tmp_path):
+  with pytest.raises(ValueError, match='--config.teacher_weights=PATH'):
     train_and_evaluate(_reviewkd(''), str(tmp_path), devices=ONE_DEVICE)
 
 

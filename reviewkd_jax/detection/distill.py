@@ -1,76 +1,14 @@
-"""The distillation terms of ReviewKD's COCO experiments, as pure functions and small modules.
+"""The detection distillation terms: pure loss functions and the adapters they train.
 
-Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021, distil Faster/Mask R-CNN
-FPN students (R18 <- R101, R50 <- R101, MobileNetV2 <- R50) with ReviewKD and compare with
-three baselines: KD on the RoI classification logits, FitNet on a backbone stage and FGFI
-(Wang et al., "Distilling Object Detectors with Fine-grained Feature Imitation", CVPR 2019).
-Every loss here takes the student side first, stops the gradient where the teacher enters,
-and multiplies by its `weight`; every shape is static (padded ground truth with `gt_valid`,
-fixed RoI slots with `valid`).
-
-What the sources do, and where this differs:
-
-- ReviewKD (`FPNReview`, `reviewkd_loss`). The authors' `Detection/model/kd_trans.py`
-  (github.com/dvlab-research/ReviewKD) builds `ReviewKD(in_channels=[256] * 5,
-  out_channels=[256] * 5, mid_channel=256)`: five ABFs, `abfs = abfs[::-1]` so that
-  `abfs.0` is the deepest level's (P6, no fusion) and `abfs.4` P2's. The student's FPN
-  levels P2..P6 (`Detection/model/rcnn.py`: `[features[f] for f in features]`) are visited
-  deepest first; every ABF but the first fuses its own 1x1-conv + BN output with the
-  residual of the deeper level, nearest-upsampled to its size (`F.interpolate(y, shape)`),
-  through the 2-channel sigmoid attention; the 3x3 conv + BN output is compared with the
-  teacher's level of the same size, so no output resize (the classification ABF's
-  `out_shape` does not exist here). The loss is `hcl` of the five outputs against the
-  teacher's P2..P6 times `KD.REVIEWKD_LOSS_WEIGHT` (configs: 1.2 R18<-R101, 1.0 R50<-R101,
-  2.0 MV2<-R50; Mask R-CNN: 1.5, 0.8, 1.0). `FPNReview` reuses `distill.reviewkd.ABF`
-  with the submodule names `abfs_0..abfs_4` (deepest first), so the authors' keys convert
-  with the generic rule (`kd_trans.abfs.0.conv1.0.weight` -> `kd_trans/abfs_0/conv1_0/kernel`
-  when the module is named `kd_trans`; tested with the prefix dropped). Its
-  BatchNorms use batch statistics in training and update running statistics as the
-  authors' `nn.BatchNorm2d` (the ABFs only run in training). Differences: the authors'
-  DDP run normalises over each GPU's 2 images; `models.layers.BatchNorm` under a sharded
-  `jit` normalises over the global batch (synchronised BN). Their images are padded to the
-  batch's largest size (multiple of 32); ours to the static `pad_size`, so the HCL means and
-  the BN statistics include more padded area (the same for student and teacher).
-- KD (`roi_kd_loss`, `roi_predictions`, `teacher_roi_logits`). Not in the authors'
-  repository (its detection code has ReviewKD only). The rule followed (the paper's, as
-  relayed in this project's brief; the same as the logit distillation of the DKD authors'
-  Detectron2 port of this code base, github.com/megvii-research/mdistiller,
-  `detection/model/rcnn.py`: `forward_pure_roi_head`): the STUDENT's sampled RoIs
-  (proposals plus appended ground truth, after the 512-per-image sampling) go through the
-  teacher's box pooler, box head and box predictor on the teacher's FPN features, so that
-  both logits describe the same boxes. The loss is Hinton's KD on the K + 1 classification
-  logits (background last, Detectron2's order): `KL(softmax(t / T) || softmax(s / T)) * T^2`
-  summed over classes and averaged over all sampled RoIs of the batch, as the classification
-  KD of the same authors' code (`F.kl_div(log_softmax(s / T), softmax(t / T),
-  reduction='none').sum(1).mean() * T ** 2`, mdistiller's `kd_loss`) applied to the
-  concatenated RoIs. Weight 20 (the paper's setting). The temperature is given nowhere we
-  could read: `temperature=1` by default (mdistiller's detection DKD uses T = 1).
-- FitNet (`FitNetAdapter`, `fitnet_loss`). Not in the authors' repository either. Hint: the
-  output of the backbone's second residual stage (`FITNET_LEVEL = 'c3'`, Detectron2's res3,
-  stride 8; the same stage as the classification benchmark's `feat[2]`), the student's and
-  the teacher's at the same stride, so the regressor is RepDistiller's `ConvReg` for equal
-  sizes: a 1x1 conv with bias (PyTorch default init) + BatchNorm (batch statistics in
-  training) + ReLU to the teacher's channels (ResNet stages are post-ReLU). Loss
-  `weight * mean((r(s) - t)^2)` (`nn.MSELoss()`), weight 0.1.
-- FGFI (`imitation_masks`, `FGFIAdapters`, `fgfi_loss`). The FGFI authors' code
-  (github.com/twangnh/Distilling-Object-Detectors, `lib/model/rpn/anchor_target_layer.py`
-  and `trainval_net_sup.py`) works on one feature map (VGG conv5, stride 16): the IoU of
-  every anchor of the map with every ground-truth box; per box the threshold
-  `0.5 * max IoU over all anchors of the map`; a location is imitated if, for some box,
-  one of its A anchors has IoU STRICTLY above that box's threshold (padding boxes, all
-  zeros, end the loop over boxes). The adaptation layer is a 3x3 conv (bias, weights
-  ~N(0, 1e-4) folded into +-2 sigma) followed by ReLU; the loss is
-  `sum((t - adapt(s))^2 * mask) / (2 * sum(mask))`: the mask (N, 1, H, W) broadcasts over
-  channels, so the sum runs over channels and masked positions, the normaliser counts the
-  masked positions of the whole batch (times 2), weight 0.01. On an FPN (as FGFI ports
-  to FPN detectors do, e.g. LutingWang's `FGFIMask`/`FGFILoss`) the rule applies per level
-  with that level's anchors (`per_level=True`; `per_level=False` takes each box's maximum
-  over the anchors of all levels instead), one adapter per level, and the level losses
-  are summed. Differences: the original IoU uses the legacy "+1" box convention, ours none
-  (Detectron2's); with an empty mask the original divides by zero, we return 0 for that
-  level; our adapter omits the ReLU by default (`relu=False`): FPN levels are outputs of a
-  linear conv and take negative values, which a ReLU adapter could never imitate (VGG
-  conv5 is post-ReLU).
+ReviewKD on the FPN levels (`FPNReview`, five `distill.reviewkd.ABF`s named `abfs_0`..`abfs_4`
+deepest first, as the authors' `kd_trans`; `reviewkd_loss`), KD on the RoI classification
+logits with the teacher's RoI head run on the student's sampled RoIs (`teacher_roi_logits`,
+`roi_kd_loss`), FitNet on res3 (`FitNetAdapter`, `fitnet_loss`) and FGFI's anchor-based
+imitation masks per FPN level (`imitation_masks`, `FGFIAdapters`, `fgfi_loss`). Every loss
+takes the student side first, stops the gradient where the teacher enters and multiplies by
+its `weight`; every shape is static (padded ground truth with `gt_valid`, RoI slots with
+`valid`). The methods that use them are `detection/methods/`; their sources and where ours
+differ are in docs/detection.md (Distillation).
 """
 from __future__ import annotations
 
@@ -83,11 +21,11 @@ import jax.numpy as jnp
 from reviewkd_jax import losses
 from reviewkd_jax.detection import anchors as anchor_ops
 from reviewkd_jax.detection import boxes as box_ops
+from reviewkd_jax.detection.model import LEVELS
 from reviewkd_jax.detection import roi_heads
 from reviewkd_jax.distill.reviewkd import ABF
 from reviewkd_jax.models import layers
 
-LEVELS = ('p2', 'p3', 'p4', 'p5', 'p6')
 BOX_LEVELS = LEVELS[:4]           # the RoI heads pool from P2..P5
 FITNET_LEVEL = 'c3'               # res3: output of the second residual stage
 KD_WEIGHT = 20.0

@@ -1,42 +1,12 @@
 """RoIAlign with static shapes: one feature map, the FPN pyramid (P2..P5), single-channel maps.
 
-The sampling rule is that of torchvision's and Detectron2's `ROIAlign` kernel (both libraries
-run torchvision's op): a RoI (x1, y1, x2, y2) scaled by `spatial_scale` (and shifted by -0.5
-with `aligned=True`; `aligned=False` instead forces its width and height to at least 1) is cut
-into `output_size` bins, each averaging `sampling_ratio` x `sampling_ratio` bilinear samples at
-the centres of a regular sub-grid. A sample with y < -1 or y > height (likewise x) is 0; other
-samples are clamped to [0, size - 1] before the bilinear weights are taken. (torchvision's
-pure-PyTorch fallback, what it runs without its compiled ops, e.g. on CPU-only PyTorch, clamps
-those samples instead of zeroing them; that only matters for RoIs reaching past the map, such
-as aligned=False RoIs of < 1 feature pixel on the right or bottom edge.)
-
-`roi_align` / `multiscale_roi_align` gather the 4 bilinear corners of every sample from one
-flat buffer holding all levels (per-RoI level, scale and map size), so the FPN pooler is a
-Python loop of `sampling_ratio**2` gathers of (R, out_h, out_w, 4, C), each followed by its
-weighted sum: at most R * out_h * out_w * 4 * C floats live per step (512 RoIs x 7x7 x 256
-ch: 100 MB in float32 if XLA does not fuse the gather into the sum), never (R, C, H, W).
-Outputs equal torchvision's up to float rounding: XLA contracts multiply-adds into FMAs, so a
-sample coordinate can differ from PyTorch's by 1 ulp (outputs by ~1e-5 on unit-variance
-features). Divisions by constants are kept true divisions (`_divide`), so sample counts and
-level boundaries are PyTorch's exactly.
-
-Level assignment (FPN eq. 1, canonical box 224 at level 4, clamped to [min_level, max_level]):
-  torchvision: floor(4 + log2(sqrt(area) / 224) + 1e-6)   (`LevelMapper`, eps outside the log)
-  Detectron2:  floor(4 + log2(sqrt(area) / 224 + 1e-8))   (`assign_boxes_to_levels`)
-The two differ only for boxes within ~1e-6 relative of a level boundary.
-
-Sampling count: `sampling_ratio` >= 1 is a fixed count per bin side (torchvision's detector
-uses 2); 0 is Detectron2's adaptive count, ceil(roi side / bins), which has no static shape:
-here it is computed per RoI and capped at `max_sampling_ratio`, the static bound of the loop
-of gathers (samples past a RoI's own count weigh 0), so it is exact for RoIs under the cap
-and costs cap^2 gathers. docs/detection.md compares the two for fidelity and cost.
-
-`roi_align_maps` is RoIAlign of single-channel maps (ground-truth masks) with the adaptive
-count supported exactly (up to a static cap): bilinear sampling is separable, so a RoI's
-output is A_y @ map @ A_x^T with (out, H) and (out, W) interpolation matrices, built by
-scatter-adding the samples' weights. Used for the mask-loss targets, where torchvision's
-`project_masks_on_boxes` and Detectron2's `BitMasks.crop_and_resize` both use adaptive
-sampling (torchvision: aligned=False; Detectron2: aligned=True, then >= 0.5).
+The sampling rule of torchvision's and Detectron2's `ROIAlign` kernel (`aligned` either
+way), as gathers of the 4 bilinear corners of every sample from one flat buffer of all levels
+(`roi_align`, `multiscale_roi_align`: never a (R, C, H, W) array); FPN level assignment by
+either library's rule; a fixed `sampling_ratio` or Detectron2's adaptive count capped at
+`max_sampling_ratio` (exact under the cap). `roi_align_maps` is RoIAlign of single-channel
+maps (the mask targets) as A_y @ map @ A_x^T with interpolation matrices. The rules, their
+sources and the precision are in docs/detection.md (Module notes: roi_align.py).
 """
 from __future__ import annotations
 

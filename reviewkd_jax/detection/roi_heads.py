@@ -1,71 +1,14 @@
 """The RoI heads of Faster/Mask R-CNN with FPN: box and mask heads, their losses, inference.
 
-Modules (the pinned names of the detector's tree; the parent names them 'box_head',
-'box_predictor', 'mask_head'):
-
-  BoxHead:      fc1, fc2 (Dense 1024 + ReLU each) on the flattened 7x7 RoI features.
-  BoxPredictor: cls_score (K + 1, background LAST as in Detectron2), bbox_pred (4K,
-                class-specific, no background rows).
-  MaskHead:     fcn1..fcn4 (3x3 conv 256 + ReLU), deconv (2x2 stride-2 transposed conv +
-                ReLU), predictor (1x1 conv -> K mask logits) on 14x14 RoI features -> 28x28.
-
-Initialisation is Detectron2's: fc1/fc2 `c2_xavier_fill` (kaiming_uniform a=1, zero bias),
-cls_score N(0, 0.01), bbox_pred N(0, 0.001), mask convs and deconv `c2_msra_fill`
-(kaiming_normal fan_out, ReLU gain, zero bias), mask predictor N(0, 0.001). (torchvision uses
-PyTorch's default Linear init for the box head and predictor and kaiming for every mask conv.)
-
-Layout: RoI features are NHWC and flattened in H, W, C order (`weights.py` permutes fc1's
-inputs of a PyTorch checkpoint, which flattens C, H, W). `deconv` (`Deconv2x2`) computes what
-Flax's `nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding='VALID')` with the default
-`transpose_kernel=False` computes, with the same parameters (kernel (2, 2, in, out), spatially
-flipped against PyTorch's; `weights.py` converts), as one matmul and a depth-to-space
-reshape: a 2x2 stride-2 transposed conv has no overlapping taps. XLA:CPU's gradient of the
-general transposed convolution took 47 s for 128 RoIs of 14x14x256 (the matmul form: well
-under a second); on GPU/TPU the matmul is what the convolution lowers to anyway.
-
-Training (`roi_losses`), the same in both libraries unless noted:
-  1. ground-truth boxes are appended to each image's proposals (proposals are constants);
-  2. every candidate is matched to the ground truth of highest IoU: IoU >= 0.5 foreground
-     (class of that box), below background; no low-quality matches;
-  3. 512 candidates per image are sampled, at most 25% foreground (`sampling.sample`, from a
-     jax.random key, or from given masks so a test can replay torchvision's draw);
-  4. losses: cross-entropy mean over the sampled RoIs; class-specific box regression of the
-     foreground RoIs to targets encoded with weights (10, 10, 5, 5), summed and divided by
-     the number of sampled RoIs: Detectron2 L1 (`smooth_l1_beta=0`), torchvision smooth L1
-     with beta 1/9; mask loss: binary cross-entropy with logits of the ground-truth class's
-     28x28 channel against the ground-truth mask cropped to the proposal box, mean over the
-     foreground RoIs' pixels.
-  Mask targets (`mask_targets`): both libraries RoIAlign the full-image ground-truth mask of
-  the matched instance with the proposal box, adaptive sampling (torchvision's
-  `project_masks_on_boxes` calls `roi_align(..., sampling_ratio=-1)`, aligned=False, and keeps
-  the soft values; Detectron2's `BitMasks.crop_and_resize` uses aligned=True and thresholds
-  at >= 0.5). Both are exact here (`roi_align.roi_align_maps`) for boxes inside the mask
-  canvas (the sample count is capped at ceil(canvas side / 28)).
-
-Static shapes: each image has a fixed `batch_size_per_image` (512) slots of sampled RoIs with
-a `valid` mask, foreground first (`RoISamples`), so the mask head runs on the first
-`int(512 * 0.25)` = 128 slots (the only ones that can be foreground) with `foreground` as
-validity. Losses are sums over valid slots divided by the same counts as the libraries'.
-The cost is that of the full slot counts (512 box-head RoIs, 128 mask-head RoIs per image),
-whereas the libraries run the mask head on the actual foreground RoIs only.
-
-Inference (`detect`): softmax scores, class-specific boxes decoded from each proposal, clipped
-to the image, candidates (proposal, class) with score > 0.05 (torchvision also drops boxes
-with a side < 0.01: `min_box_size=1e-2`), NMS 0.5 within each class, the top 100 by score.
-Both libraries run NMS on every candidate above the threshold; we first keep the
-`max_candidates` highest-scoring ones (static shape). Greedy NMS decides each box from the
-higher-scored boxes only, so the result is identical whenever those candidates yield
-`max_detections` survivors or include every candidate above the threshold; only images with
-more than `max_candidates` candidates AND fewer than 100 survivors among the best
-`max_candidates` can differ. Non-finite boxes or scores are dropped per candidate
-(Detectron2 drops the whole proposal). Output: fixed (B, 100) arrays with `valid`.
-Masks (`mask_probabilities`, `paste_masks`): the mask head on the final boxes, sigmoid of the
-predicted class's channel (28x28), pasted into an image-sized canvas: Detectron2's rule
-(bilinear `grid_sample` of the mask over each pixel centre, zero outside; default) or
-torchvision's (the mask padded by one pixel, the box scaled by 30/28 and truncated to
-integers, bilinear resize to the integer box, pasted); both exact up to float rounding, as
-separable interpolation matrices. Returned soft; Detectron2 thresholds at >= 0.5, COCO
-evaluation of torchvision's output at > 0.5.
+The pinned modules `BoxHead` (fc1, fc2), `BoxPredictor` (cls_score with the background
+LAST, class-specific bbox_pred) and `MaskHead` (fcn1..fcn4, deconv, predictor), initialised as
+Detectron2's; `roi_losses` (ground truth appended to the proposals, matching, 512 sampled
+RoIs per image, classification, box and mask losses; `mask_targets`); `detect` (per-class
+NMS, the top 100) and the mask pasting (`mask_probabilities`, `paste_masks`, Detectron2's or
+torchvision's rule). Shapes are static: fixed RoI slots with a `valid` mask, foreground
+first, the mask head on the first 128 slots. RoI features are NHWC, flattened H, W, C.
+docs/detection.md (Module notes: roi_heads.py) lists each rule, its source and where we
+differ.
 """
 from __future__ import annotations
 

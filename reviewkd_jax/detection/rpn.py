@@ -1,52 +1,13 @@
 """Region Proposal Network with static shapes: head, proposals, and losses.
 
-The three parts of Detectron2's `RPN` (`StandardRPNHead`, `find_top_rpn_proposals`,
-`RPN.losses`) and of torchvision's `RegionProposalNetwork`, which compute the same things
-with a few different constants and rules, listed in `RPNConfig` (Detectron2's by default,
-`RPNConfig.torchvision()` for torchvision's):
-
-- `RPNHead`: a 3x3 conv (+ ReLU) shared by all FPN levels, then 1x1 convs to A objectness
-  logits and 4A box deltas per location; both libraries initialise the three convs with
-  N(0, 0.01) weights and zero biases. Outputs are flattened location-major, anchor-minor
-  (channel a * 4 + k of the deltas is coordinate k of anchor a), the anchors' order: this is
-  Detectron2's `view(N, A, 4, H, W).permute(0, 3, 4, 1, 2)` and torchvision's
-  `permute_and_flatten`, which is a plain reshape in NHWC.
-- `propose`: per image and level the `pre_nms_topk` highest logits, their anchors decoded
-  (box coder weights 1, 1, 1, 1), clipped to the image's true (unpadded) size, small boxes
-  removed, NMS 0.7 within each level, then the `post_nms_topk` best over all levels. Where
-  the libraries drop boxes we return fixed-size arrays and a `valid` mask. Proposals carry no
-  gradient (both libraries detach them).
-- `rpn_losses`: anchors matched to the ground truth (IoU 0.3 / 0.7, low-quality matches
-  kept), 256 per image sampled with at most half positive, objectness BCE over the sampled
-  anchors and box regression over the sampled positives. Detectron2: BCE sum and L1 sum
-  (smooth-L1 with beta 0), both divided by 256 * images. torchvision: BCE mean over the
-  sampled anchors and smooth-L1 (beta 1/9) sum divided by the number of sampled anchors.
-
-Other differences between the libraries, as options here:
-
-- post-NMS top-k per image in training: Detectron2 1000, torchvision 2000 (1000 at test in
-  both); pre-NMS 2000 train / 1000 test per level in both.
-- small boxes: Detectron2 keeps w > 0 and h > 0 (`min_size` 0), torchvision w >= 1e-3 and
-  h >= 1e-3.
-- NMS ranks boxes by their logit in Detectron2, by sigmoid(logit) in torchvision
-  (`nms_on_probabilities`): the same order except where float32 sigmoids tie, which matters
-  only for exact parity with torchvision.
-
-Where we differ from both, and why:
-
-- static shapes: `propose` returns (B, post_nms_topk) boxes with a `valid` mask instead of
-  lists of varying length; non-finite boxes are marked invalid (Detectron2 drops them at test
-  time and raises in training). NMS runs per level (vmapped over the levels, each padded to
-  the largest level's top-k), not over all levels at once with the coordinate-offset trick:
-  the same kept set and order (ties in score broken by level, then by top-k rank, as the
-  trick does), with IoUs computed on the unshifted boxes (as `batched_nms` itself does above
-  1000 boxes on CPU / 5000 on GPU), an O(L * K^2) instead of O((L * K)^2) IoU matrix and a
-  K-step instead of an L*K-step greedy loop.
-- sampling draws from a `jax.random` key (one per image, split from the key passed in), or
-  takes the sampled masks from the caller (the parity tests reuse torchvision's samples).
-- the torchvision loss divides by max(1, number sampled) (torchvision gives NaN for 0).
-- loss names: Detectron2's `loss_rpn_cls` / `loss_rpn_loc` for both flavours (torchvision
-  calls them `loss_objectness` / `loss_rpn_box_reg`).
+The three parts of Detectron2's `RPN` and of torchvision's `RegionProposalNetwork`:
+`RPNHead` (a shared 3x3 conv, then A objectness logits and 4A deltas per location, flattened
+location-major), `propose` (per level top-k, decode, clip, small boxes removed, NMS per level,
+the best over all levels; fixed-size outputs with a `valid` mask, no gradient) and
+`rpn_losses` (anchor matching, 256 sampled anchors per image, objectness BCE and box
+regression). The libraries' different constants and rules are options of `RPNConfig`
+(Detectron2's by default, `RPNConfig.torchvision()`); docs/detection.md (Module notes:
+rpn.py) lists them and where we differ from both.
 """
 from __future__ import annotations
 

@@ -1,59 +1,14 @@
 """Detector weights from torchvision, Detectron2 and ImageNet classification files.
 
-One entry point, `load_detector_weights(path_or_state_dict, template, source='auto')`, fills
-the detector's Flax variables `template` (from `model.init` or `jax.eval_shape`) from:
-
-- 'torchvision': a `fasterrcnn_resnet50_fpn` / `maskrcnn_resnet50_fpn` state_dict (`.pth`);
-- 'detectron2': a Detectron2 model-zoo `.pkl` ({'model': {name: np.ndarray}, '__author__',
-  ...}; read with pickle and numpy only, Detectron2 need not be installed) or a Detectron2
-  `.pth` checkpoint; also the `convert-torchvision-to-d2.py` layout (keys `stem.*`,
-  `res2.*`), and the ReviewKD authors' released checkpoints (teacher under `teacher.`,
-  student under the Detectron2 names; choose with `part`);
-- 'imagenet': a torchvision `resnet18/34/50/101` or `mobilenet_v2` classification state_dict
-  (or the tonylins MobileNetV2 layout the ReviewKD authors' student used), loaded into
-  `backbone/body` only; `fc`/`classifier` (and `features.18` when the body has no
-  `last_conv`) are dropped, and the FPN and heads keep the template's values.
-
-Everything goes through `convert.torch_to_flax` with a rename function per layout, so a file
-that does not fit raises `StateDictMismatchError` naming its missing, unexpected and
-mis-shaped keys (by their names in the file). The result says what it filled and what it left
-at the template's values (`LoadReport`).
-
-The detector's pinned Flax module tree, and what is converted beyond the naming rule:
-
-  backbone/body/..., backbone/fpn/lateral_{2..5}, output_{2..5}     (see `backbone.py`)
-  rpn/conv, rpn/objectness (A), rpn/deltas (4A)
-  box_head/fc1, box_head/fc2
-  box_predictor/cls_score (K+1, background LAST), box_predictor/bbox_pred (4K)
-  mask_head/fcn{1..4}, mask_head/deconv, mask_head/predictor (K)
-
-- Background: torchvision puts it FIRST (cls_score row 0, bbox_pred rows 0..3, mask
-  predictor channel 0); Detectron2 has it last in cls_score and no background rows in
-  bbox_pred or the mask predictor. torchvision's cls_score rows are rotated (background to
-  the end) and its background box rows and mask channel dropped, so both sources give the
-  same class order 0..K-1 = torchvision's labels 1..K.
-- box_head/fc1: both frameworks flatten the (C, 7, 7) RoI features in C, H, W order; our RoI
-  features are NHWC, flattened in H, W, C order (`x.reshape(R, -1)`), so fc1's input rows are
-  permuted accordingly (`roi_flatten='hwc'`; 'chw' keeps PyTorch's order for a head that
-  transposes to NCHW before flattening). C comes from the template's FPN width.
-- mask_head/deconv: PyTorch's ConvTranspose2d weight is (in, out, kh, kw) and computes the
-  gradient of a convolution, i.e. a dilated-input convolution with the spatially FLIPPED
-  kernel. The kernel produced is for `flax.linen.ConvTranspose(out, (2, 2), strides=(2, 2),
-  padding='VALID')` with Flax's default `transpose_kernel=False`: shape (kh, kw, in, out),
-  flipped in kh and kw (`deconv_kernel_from_torch`). With `deconv_transpose_kernel=True` it is
-  for `ConvTranspose(..., transpose_kernel=True)` instead: (kh, kw, out, in), not flipped.
-  tests/test_detection_weights.py checks both against torch.nn.ConvTranspose2d.
-- Input conventions: Detectron2's MSRA-initialised ResNets (all model-zoo R50/R101 FPN
-  detectors) expect BGR input in 0..255 minus the pixel mean with pixel std 1 and
-  `stride_in_1x1=True`; torchvision's detectors and ImageNet bodies take RGB normalised by
-  the ImageNet mean/std and `stride_in_1x1=False`. The files do not say so (older Detectron2
-  files carry `pixel_mean`/`pixel_std`, which are read when present), so the convention is
-  implied by the layout (`implied_convention`), returned as `LoadedWeights.convention`,
-  printed in the report, and checked against a `DetectorConfig` passed as `config=`.
-- Not used, and listed in `LoadReport.dropped`: Detectron2's `pixel_mean`/`pixel_std` and
-  anchor-generator buffers of older checkpoints; the classifier of ImageNet files; the other
-  half of a teacher+student file; with `partial=True`, parts the template does not have.
-  BatchNorm `num_batches_tracked` counters are skipped silently (Flax keeps none).
+One entry point, `load_detector_weights(path_or_state_dict, template, source='auto')`,
+fills a detector's Flax variables from a torchvision detection state_dict, a Detectron2
+model-zoo `.pkl` or `.pth` (also the ReviewKD authors' teacher+student checkpoints, `part`)
+or an ImageNet classification state_dict (the backbone body only). Everything goes through
+`convert.torch_to_flax` with a rename function per layout, so a file that does not fit raises
+`StateDictMismatchError` naming its keys; the result (`LoadedWeights`) carries a `LoadReport`
+of what was filled and left, and the input convention the file implies
+(`implied_convention`). The layout rules (background row, fc1's input order, the deconv
+kernel, input conventions) are in docs/detection.md (Module notes: weights.py).
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ def _build(config, spec, dtype):
 
 
 def _check(config):
-  if config.teacher or config.teacher_checkpoint:
+  if config.teacher or config.teacher_weights:
     raise ValueError(
         "config.method='none' trains config.model alone, but config.teacher/"
-        'teacher_checkpoint are set: clear them, or choose a distillation method '
+        'teacher_weights are set: clear them, or choose a distillation method '
         f'(config.method, one of {", ".join(m for m in base.list_methods() if m != "none")}).')
 
 

@@ -111,28 +111,52 @@ class Method:
   run_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-_METHODS: dict[str, Method] = {}
+class Registry:
+  """Named entries (`entry.name`), registered once each; a lookup of an unknown name raises
+  ValueError with the message `unknown(name, known names)`. The detection methods use one
+  too (`detection/methods/base.py`)."""
+
+  def __init__(self, kind: str, unknown: Callable[[str, list[str]], str]):
+    self.kind = kind
+    self.entries: dict[str, Any] = {}
+    self._unknown = unknown
+
+  def register(self, entry):
+    """Registers `entry` under `entry.name` and returns it."""
+    if entry.name in self.entries:
+      raise ValueError(f'{self.kind} {entry.name!r} registered twice')
+    self.entries[entry.name] = entry
+    return entry
+
+  def names(self) -> list[str]:
+    """Returns the sorted registered names."""
+    return sorted(self.entries)
+
+  def get(self, name: str):
+    """Returns the entry registered as `name`, or raises ValueError listing the known ones."""
+    if name not in self.entries:
+      raise ValueError(self._unknown(name, self.names()))
+    return self.entries[name]
+
+
+_REGISTRY = Registry('method', lambda name, known: (
+    f'Unknown method {name!r} (config.method). Known methods: {", ".join(known)}.'))
+_METHODS: dict[str, Method] = _REGISTRY.entries
 
 
 def register_method(method: Method) -> Method:
   """Registers `method` under `method.name` and returns it."""
-  if method.name in _METHODS:
-    raise ValueError(f'method {method.name!r} registered twice')
-  _METHODS[method.name] = method
-  return method
+  return _REGISTRY.register(method)
 
 
 def list_methods() -> list[str]:
   """Returns the sorted names of the registered methods."""
-  return sorted(_METHODS)
+  return _REGISTRY.names()
 
 
 def get_method(name: str) -> Method:
   """Returns the method registered as `name`, or raises ValueError listing the known ones."""
-  if name not in _METHODS:
-    raise ValueError(f'Unknown method {name!r} (config.method). Known methods: '
-                     f'{", ".join(list_methods())}.')
-  return _METHODS[name]
+  return _REGISTRY.get(name)
 
 
 def total_loss(terms: dict[str, jax.Array]) -> jax.Array:

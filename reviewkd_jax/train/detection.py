@@ -1,17 +1,15 @@
-"""`train_detector(config, workdir)`: one detection run, a Faster/Mask R-CNN trained alone.
+"""`train_detector(config, workdir)`: one detection run, a Faster/Mask R-CNN trained alone or
+distilled from a frozen teacher detector (`config.method`, `detection/methods/`).
 
-Detectron2's recipe (`Base-RCNN-FPN`, `SOLVER`): SGD with momentum 0.9, weight decay 1e-4
-on every trainable parameter, lr `learning_rate * batch_size / base_batch_size` with a linear
-warm-up from `warmup_factor` over `warmup_steps` and x`lr_gamma` at each of `lr_steps`
-(`WarmupMultiStepLR`), the stem, res2 and every backbone BatchNorm frozen, iterations rather
-than epochs. The loss is the sum of the RPN's and the RoI heads' losses. Evaluation is COCO
-box (and mask) AP through pycocotools over every evaluation image once, every
+Detectron2's recipe: SGD with momentum on every trainable parameter (the stem, res2 and every
+backbone BatchNorm frozen), `WarmupMultiStepLR` over iterations; the loss is the RPN's and RoI
+heads' plus the method's terms. COCO box (and mask) AP over every evaluation image, every
 `eval_every_steps` and at the end; the final model is exported to `<workdir>/final`.
 
-Read top to bottom: `_set_up` builds the detector, the data, the train state (resumed from
-the newest usable checkpoint, or initialised from `config.weights`) and checks everything
-without writing (a mistake is one `SetupError`); `_train` runs the loop. `max_steps=0`
-evaluates the loaded weights only (a teacher's AP).
+Read top to bottom: `_set_up` builds the detector, the method's adapter, the data and the
+train state (resumed, or initialised from `config.weights`) without writing (a mistake is one
+`SetupError`, `run_core`); `make_train_step` is the jitted step; `_train` runs the loop.
+`max_steps=0` evaluates the loaded weights only (a teacher's AP).
 """
 from __future__ import annotations
 
@@ -35,17 +33,16 @@ from jax.sharding import PartitionSpec
 from reviewkd_jax import data as data_lib
 from reviewkd_jax.detection import backbone as backbone_lib
 from reviewkd_jax.detection import data as det_data
-from reviewkd_jax.detection import distill as det_distill
+from reviewkd_jax.detection import distill as det_distill  # noqa: F401  (read as detection.det_distill)
 from reviewkd_jax.detection import evaluation
+from reviewkd_jax.detection import methods as methods_lib
 from reviewkd_jax.detection import model as model_lib
 from reviewkd_jax.detection import weights as weights_lib
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
-from reviewkd_jax.train import setup as setup_lib
+from reviewkd_jax.train import run_core
 from reviewkd_jax.train import state as state_lib
-from reviewkd_jax.train.trainer import (SETTINGS, SetupError, StopSignal, check_same_settings,
-                                        flat_hparams, last_good_hint, run_in_workdir,
-                                        trained_settings)
+from reviewkd_jax.train.run_core import SETTINGS, RunResult, StopSignal
 
 # What the detector reads of a batch (the rest stays on the host, for evaluation).
 _TRAIN_KEYS = ('image', 'image_size', 'boxes', 'labels', 'gt_valid', 'masks')
@@ -59,24 +56,10 @@ RESUMABLE_FIELDS = ('data_dir', 'annotations_dir', 'prefetch_batches', 'eval_bat
 # Checkpoints saved without the config's settings are compared on these fields.
 _RESUME_KEYS = ('dataset', 'backbone', 'mask', 'convention', 'batch_size', 'seed',
                 'max_steps', 'train_subset', 'method', 'teacher_backbone')
-METHODS = ('none', 'reviewkd', 'kd', 'fitnet', 'fgfi')
+METHODS = tuple(methods_lib.list_detection_methods())
 
 
-def is_detection(config: ml_collections.ConfigDict) -> bool:
-  """Returns True for a detection config (`config.task == 'detection'`)."""
-  return config.get('task', 'classification') == 'detection'
-
-
-@dataclasses.dataclass
-class DetectionResult:
-  """What a finished (or stopped) detection run hands back to a caller in Python."""
-  workdir: str
-  state: state_lib.TrainState
-  step: int
-  total_steps: int
-  final: dict | None      # COCO metrics of the final model (None if stopped early)
-  history: list[dict]     # the logged training metrics
-  evals: list[dict]       # every evaluation of this call, with its 'step'
+DetectionResult = RunResult  # the former name of a detection run's result
 
 
 def _or(value, default):
@@ -142,7 +125,7 @@ def resolve_input_conventions(config: ml_collections.ConfigDict) -> ml_collectio
   """
   config = ml_collections.ConfigDict(config.to_dict())
   roles = [('', 'weights', 'weights_source')]
-  if config.method != 'none':
+  if methods_lib.get_detection_method(config.method).uses_teacher:
     roles.append(('teacher_', 'teacher_weights', 'teacher_weights_source'))
   for pre, path_field, source_field in roles:
     path = config[path_field]
@@ -166,15 +149,9 @@ def resolve_input_conventions(config: ml_collections.ConfigDict) -> ml_collectio
 
 def distill_module(config: ml_collections.ConfigDict, teacher_channels: dict
                    ) -> nn.Module | None:
-  """Returns the method's trainable module (ABFs or adapters), None for 'none' and 'kd'."""
-  if config.method == 'reviewkd':
-    return det_distill.FPNReview(mid_channels=config.fpn_channels,
-                                 out_channels=teacher_channels['p2'])
-  if config.method == 'fitnet':
-    return det_distill.FitNetAdapter(out_channels=teacher_channels[det_distill.FITNET_LEVEL])
-  if config.method == 'fgfi':
-    return det_distill.FGFIAdapters(out_channels=teacher_channels['p2'])
-  return None
+  """Returns the method's trainable adapter (`DetectionMethod.build_adapter`), or None."""
+  return methods_lib.get_detection_method(config.method).build_adapter(config,
+                                                                       teacher_channels)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -211,14 +188,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any
 
 
 def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
-                    teacher: model_lib.RCNN | None = None, head: nn.Module | None = None):
+                    teacher: model_lib.RCNN | None = None, adapter: nn.Module | None = None,
+                    head: nn.Module | None = None):
   """Returns the jitted step (state, batch, teacher_variables) -> (state, metrics).
 
-  The batch is split over `mesh`. With a distillation method, the frozen teacher's pyramid
-  (and for KD its RoI head on the student's sampled RoIs) enters the loss without gradient;
-  `state.params` is {'student': ..., 'distill': the method's trainable module}.
+  The batch is split over `mesh`. With a distillation method (`config.method`), the frozen
+  teacher's features enter the method's loss terms without gradient; `state.params` is
+  {'student': ..., 'distill': the method's adapter}. `head` is the former name of `adapter`.
   """
-  method = config.method
+  method = methods_lib.get_detection_method(config.method)
+  adapter = head if adapter is None else adapter
 
   def step(state: state_lib.TrainState, batch, teacher_variables):
     key = jax.random.fold_in(state.rng, state.step)
@@ -227,48 +206,28 @@ def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
       svars = {'params': params['student'], **state.model_state['student']}
       feats = module.apply(svars, batch['image'], batch['image_size'],
                            method=model_lib.RCNN.features)
-      out = module.apply(svars, batch, key, feats, return_aux=method == 'kd',
+      out = module.apply(svars, batch, key, feats, return_aux=method.needs_roi_outputs,
                          method=model_lib.RCNN.losses)
-      losses, aux = out if method == 'kd' else (out, None)
-      distill_state = state.model_state['distill']
-      if method != 'none':
+      losses, roi_outputs = out if method.needs_roi_outputs else (out, None)
+      adapter_state = state.model_state['distill']
+      if method.uses_teacher:
         tfeats = jax.lax.stop_gradient(teacher.apply(
             teacher_variables, batch['image'], batch['image_size'],
             method=model_lib.RCNN.features))
-        dvars = {'params': params['distill'], **distill_state}
-        if method == 'reviewkd':
-          outs, distill_state = head.apply(dvars, det_distill.pyramid(feats), train=True,
-                                           mutable=['batch_stats'])
-          losses['loss_reviewkd'] = det_distill.reviewkd_loss(
-              outs, det_distill.pyramid(tfeats), weight=config.reviewkd_weight)
-        elif method == 'fitnet':
-          level = det_distill.FITNET_LEVEL
-          adapted, distill_state = head.apply(dvars, feats[level], train=True,
-                                              mutable=['batch_stats'])
-          losses['loss_fitnet'] = det_distill.fitnet_loss(adapted, tfeats[level],
-                                                          weight=config.fitnet_weight)
-        elif method == 'fgfi':
-          levels = det_distill.pyramid(feats)
-          masks = det_distill.imitation_masks(
-              module.config.rpn.anchors, [f.shape[1:3] for f in levels], batch['boxes'],
-              batch['gt_valid'], image_shape=batch['image'].shape[1:3])
-          losses['loss_fgfi'] = det_distill.fgfi_loss(
-              head.apply(dvars, levels), det_distill.pyramid(tfeats), masks,
-              weight=config.fgfi_weight)
-        elif method == 'kd':
-          t_logits = det_distill.teacher_roi_logits(teacher, teacher_variables, tfeats,
-                                                     aux['samples'].boxes)
-          losses['loss_kd'] = det_distill.roi_kd_loss(
-              aux['class_logits'], t_logits, aux['samples'].valid,
-              temperature=config.kd_temperature, weight=config.kd_weight)
-      return sum(losses.values()), (losses, distill_state)
+        terms, adapter_state = method.loss_terms(methods_lib.DetectionLossContext(
+            config=config, detector=module, features=feats, teacher=teacher,
+            teacher_variables=teacher_variables, teacher_features=tfeats, batch=batch,
+            roi_outputs=roi_outputs, adapter=adapter, adapter_params=params['distill'],
+            adapter_state=adapter_state))
+        losses.update(terms)
+      return sum(losses.values()), (losses, adapter_state)
 
-    (loss, (losses, distill_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (losses, adapter_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, **losses, 'lr': schedule(state.step)}
-    model_state = {**state.model_state, 'distill': distill_state}
+    model_state = {**state.model_state, 'distill': adapter_state}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state), metrics
 
@@ -330,22 +289,18 @@ class _Setup:
   weights_report: str | None
   teacher: model_lib.RCNN | None
   teacher_variables: Any
-  head: nn.Module | None
+  adapter: nn.Module | None
 
 
 def train_detector(config: ml_collections.ConfigDict, workdir: str, *,
-                   devices=None) -> DetectionResult:
+                   devices=None) -> RunResult:
   """Trains and evaluates the detector of `config` in `workdir`, resuming where it stopped.
 
   Raises SetupError for a run that cannot start (config, missing data or weights, a workdir
   of another run), before anything in the workdir is written.
   """
-  try:
-    setup = _set_up(config, workdir, devices)
-  except (ValueError, FileNotFoundError, checkpoint_lib.NoUsableCheckpointError,
-          data_lib.DatasetNotFoundError) as e:
-    raise SetupError(str(e)) from e
-  return run_in_workdir(workdir, setup.ckpts, lambda writer: _train(setup, workdir, writer))
+  return run_core.start_run(workdir, lambda: _set_up(config, workdir, devices),
+                            lambda setup, writer: _train(setup, workdir, writer))
 
 
 def _set_up(config, workdir: str, devices) -> _Setup:
@@ -353,15 +308,10 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   _check_values(config)
   config = resolve_input_conventions(config)
   mesh = state_lib.make_mesh(devices)
-  for name in ('batch_size', 'eval_batch_size'):
-    if config[name] % mesh.size:
-      raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
-                       f'devices ({mesh.size}): it is the global batch, split over them.')
-  if config.method not in METHODS:
-    raise ValueError(f'config.method={config.method!r} is not a detection method; choose one '
-                     f'of {METHODS}.')
-  distilling = config.method != 'none'
-  if distilling and not (config.teacher_backbone and config.teacher_weights):
+  run_core.check_batch_divides(config, mesh.size)
+  method = methods_lib.get_detection_method(config.method)
+  method.check_config(config)
+  if method.uses_teacher and not (config.teacher_backbone and config.teacher_weights):
     raise ValueError(
         f'config.method={config.method!r} distils from a teacher detector: set '
         '--config.teacher_backbone (e.g. resnet101) and --config.teacher_weights=PATH (a '
@@ -381,10 +331,10 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   module = model_lib.RCNN(detector_config(config, pipeline.num_classes))
   image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
 
-  teacher, teacher_variables, head = None, None, None
+  teacher, teacher_variables, adapter = None, None, None
   rep = state_lib.replicated(mesh)
-  distill_vars: dict = {}
-  if distilling:
+  adapter_vars: dict = {}
+  if method.uses_teacher:
     teacher = model_lib.RCNN(detector_config(config, pipeline.num_classes, teacher=True))
     teacher_variables = _load_teacher(config, teacher)
     teacher_shapes = jax.eval_shape(
@@ -392,30 +342,25 @@ def _set_up(config, workdir: str, devices) -> _Setup:
     student_shapes = jax.eval_shape(
         lambda k: module.apply(model_lib.init_variables(module, k), image,
                                method=model_lib.RCNN.features), jax.random.key(0))
-    head = distill_module(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
-    if head is not None:
+    adapter = method.build_adapter(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
+    if adapter is not None:
       zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in student_shapes.items()}
-      if config.method == 'fitnet':
-        args, kw = (zeros[det_distill.FITNET_LEVEL],), {'train': False}
-      elif config.method == 'reviewkd':
-        args, kw = (det_distill.pyramid(zeros),), {'train': False}
-      else:
-        args, kw = (det_distill.pyramid(zeros),), {}
-      distill_vars = flax.core.unfreeze(jax.jit(lambda k: head.init(k, *args, **kw))(
+      args, kw = method.adapter_inputs(zeros)
+      adapter_vars = flax.core.unfreeze(jax.jit(lambda k: adapter.init(k, *args, **kw))(
           jax.random.key(config.seed + 2)))
     teacher_variables = jax.device_put(teacher_variables, rep)
 
   variables = flax.core.unfreeze(jax.jit(lambda k: model_lib.init_variables(module, k))(
       jax.random.key(config.seed)))
   student_params = variables.pop('params')
-  params = {'student': student_params, 'distill': distill_vars.pop('params', {})}
-  model_state = {'student': variables, 'distill': distill_vars}
+  params = {'student': student_params, 'distill': adapter_vars.pop('params', {})}
+  model_state = {'student': variables, 'distill': adapter_vars}
   tx, schedule = make_optimizer(config, params)
   state = jax.device_put(state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
   run_meta = {**{k: config[k] for k in _RESUME_KEYS},
-              SETTINGS: trained_settings(config, RESUMABLE_FIELDS)}
+              SETTINGS: run_core.trained_settings(config, RESUMABLE_FIELDS)}
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   report = None
   try:
@@ -439,12 +384,12 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   return _Setup(config=config, module=module, mesh=mesh, pipeline=pipeline, state=state,
                 resumed=resumed is not None, ckpts=ckpts, run_meta=run_meta, tx=tx,
                 schedule=schedule, weights_report=report, teacher=teacher,
-                teacher_variables=teacher_variables, head=head)
+                teacher_variables=teacher_variables, adapter=adapter)
 
 
 def _check_values(config) -> None:
   """Raises ValueError for a count out of range or a pad size no resized image fits in."""
-  setup_lib.check_counts(config, at_least_one=('batch_size', 'eval_batch_size', 'max_boxes',
+  run_core.check_counts(config, at_least_one=('batch_size', 'eval_batch_size', 'max_boxes',
                                                'log_every_steps'),
                          at_least_zero=('max_steps', 'train_subset', 'keep_checkpoints', 'eval_subset',
                                         'eval_every_steps', 'checkpoint_every_steps',
@@ -531,17 +476,10 @@ def _load_teacher(config, teacher: model_lib.RCNN) -> Any:
 
 
 def _check_same_run(meta: dict, run_meta: dict, workdir: str) -> None:
-  if check_same_settings(meta, run_meta[SETTINGS], workdir, RESUMABLE_FIELDS):
-    return
-  changed = [f'{k}: {meta.get(k)!r} in the checkpoint, {run_meta[k]!r} in the config'
-             for k in _RESUME_KEYS if meta.get(k) != run_meta[k]]
-  if changed:
-    raise checkpoint_lib.OtherRunError(
-        f'{workdir} holds the checkpoints of a different run ({"; ".join(changed)}), which '
-        'this config would not continue: use a new --workdir, or the same settings.')
+  run_core.check_same_run(meta, run_meta, workdir, RESUMABLE_FIELDS, _RESUME_KEYS)
 
 
-def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
+def _train(setup: _Setup, workdir: str, writer) -> RunResult:
   config, mesh, pipeline, ckpts = setup.config, setup.mesh, setup.pipeline, setup.ckpts
   state, total = setup.state, config.max_steps
   step = int(state.step)
@@ -550,15 +488,14 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
                'Mask R-CNN' if config.mask else 'Faster R-CNN', config.backbone,
                config.convention, config.dataset, pipeline.num_classes, pipeline.num_eval,
                config.batch_size, mesh.size, jax.process_count(), total,
-               '' if config.method == 'none' else
+               '' if not methods_lib.get_detection_method(config.method).uses_teacher else
                f', distilled by {config.method} from a {config.teacher_backbone}-FPN teacher')
   if setup.weights_report:
     logging.info('Weights from %s: %s', config.weights, setup.weights_report)
   if setup.resumed:
     logging.info('Resumed from %s at step %d.', ckpts.state_dir, step)
-  elif jax.process_index() == 0:
-    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    writer.write_hparams(flat_hparams(config))
+  else:
+    run_core.record_config(workdir, config, writer)
 
   predict_step = make_predict_step(setup.module, mesh)
   evals = []
@@ -581,16 +518,16 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
 
   if total == 0:  # evaluate the given weights only
     final = run_eval(0)
-    return DetectionResult(workdir, state, 0, 0, final, [], evals)
+    return RunResult(workdir, state, 0, 0, final, [], evals)
 
   train_step = make_train_step(setup.module, setup.tx, setup.schedule, mesh, config=config,
-                               teacher=setup.teacher, head=setup.head)
+                               teacher=setup.teacher, adapter=setup.adapter)
   num_train = getattr(pipeline.source, 'num_train', 0)
   steps_per_epoch = max(1, num_train // config.batch_size) if num_train else total
   logger = progress.MetricLogger(
       writer, total_steps=total, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size,
-      nonfinite_hint=lambda: last_good_hint(ckpts))
+      nonfinite_hint=lambda: run_core.last_good_hint(ckpts))
   meta = lambda s: {**setup.run_meta, 'step': s}  # noqa: E731
   stop_at = min(total, config.stop_after_step or total)
   split = state_lib.batch_sharded(mesh)
@@ -613,14 +550,14 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
           ckpts.save(step, state, meta(step))
       if stop:
         logging.warning('Stopped at step %d; rerun with the same --workdir to resume.', step)
-        return DetectionResult(workdir, state, step, total, None, logger.history, evals)
+        return RunResult(workdir, state, step, total, None, logger.history, evals)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total:
         with logger.paused('eval'):
           run_eval(step)
   final = None
   if step == total:
-    final_meta = ckpts.model_meta(checkpoint_lib.FINAL)
-    if final_meta and final_meta['step'] == step and 'bbox/AP' in final_meta:
+    final_meta = run_core.finished_model_meta(ckpts, step, 'bbox/AP')
+    if final_meta:
       final = {k: v for k, v in final_meta.items() if '/' in k}
     else:
       final = run_eval(step)
@@ -632,4 +569,4 @@ def _train(setup: _Setup, workdir: str, writer) -> DetectionResult:
   else:
     logging.info('Stopped at step %d of %d (config.stop_after_step); rerun with the same '
                  '--workdir to continue.', step, total)
-  return DetectionResult(workdir, state, step, total, final, logger.history, evals)
+  return RunResult(workdir, state, step, total, final, logger.history, evals)

@@ -19,6 +19,7 @@ from reviewkd_jax import distill
 from reviewkd_jax.models import create_model
 from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import step as step_lib
+from reviewkd_jax.train.run_core import check_batch_divides, check_counts
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -47,25 +48,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None
                                       'log_every_steps', 'eval_every_epochs',
                                       'checkpoint_every_epochs'),
                at_least_zero=('train_subset', 'keep_checkpoints', 'checkpoint_every_steps', 'stop_after_step'))
-  for name in ('batch_size', 'eval_batch_size'):
-    if mesh is not None and config[name] % mesh.size:
-      raise ValueError(f'config.{name}={config[name]} must be divisible by the number of '
-                       f'devices ({mesh.size}).')
+  if mesh is not None:
+    check_batch_divides(config, mesh.size)
   return method
-
-
-def check_counts(config: ml_collections.ConfigDict, *, at_least_one: tuple[str, ...],
-                 at_least_zero: tuple[str, ...]) -> None:
-  """Raises ValueError naming the first count field out of range, and a `train_subset` that
-  does not make one batch."""
-  for names, low in ((at_least_one, 1), (at_least_zero, 0)):
-    for name in names:
-      if config[name] < low:
-        raise ValueError(f'config.{name} must be >= {low}, got {config[name]}.')
-  if 0 < config.train_subset < config.batch_size:
-    raise ValueError(f'config.train_subset={config.train_subset} is smaller than one batch '
-                     f'(config.batch_size={config.batch_size}): no training step would run; '
-                     'give at least one batch of examples, or 0 for the whole training set.')
 
 
 @dataclasses.dataclass
