@@ -30,7 +30,7 @@ spent:
                   allows.
 Classification items time the trainer's own step (`reviewkd_jax.bench.jax_step`) and the
 authors' loop in PyTorch eager (`reviewkd_jax.bench.torch_step`, same initial weights) in
-interleaved rounds, as `python -m reviewkd_jax.benchmark` does; each JAX row has the
+interleaved rounds, as `python -m reviewkd_jax.bench` does; each JAX row has the
 compile time, median step (one by one) and the back-to-back step, images/s, peak device
 memory, XLA's FLOPs per step and MFU, both against the peak of its dtype
 (`bench/hardware.py`) and against the H200's dense bf16 peak (989 TFLOP/s) for every item.

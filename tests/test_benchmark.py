@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # subprocesses of the benchmark command
 def report(tmp_path_factory):
   """One run of the command the README gives, on a tiny pair (8 simulated CPU devices)."""
   out = tmp_path_factory.mktemp('benchmark') / 'report.json'
-  cmd = [sys.executable, '-m', 'reviewkd_jax.benchmark', '--config=configs/cifar100_r56_r20.py',
+  cmd = [sys.executable, '-m', 'reviewkd_jax.bench', '--config=configs/cifar100_r56_r20.py',
          '--config.model=resnet8', '--config.teacher=resnet14', '--batch_size=8',
          '--config.reviewkd_warmup_epochs=0',  # lambda > 0 from step 0: HCL is in the loss
          '--steps=4', '--rounds=2', '--warmup=1', '--torch=eager',
@@ -51,7 +51,7 @@ def test_report_is_json_with_the_documented_fields(report):
   assert loaded['machine']['load_average'] is not None
   assert loaded['config']['name'] == 'cifar100_r56_r20.py'
   assert loaded['config']['model'] == 'resnet8' and loaded['config']['batch_size'] == 8
-  assert 'reviewkd_jax.benchmark' in loaded['command']
+  assert 'reviewkd_jax.bench' in loaded['command']
   # --steps=4 --rounds=2: two interleaved rounds of 2 steps per framework, each with its
   # own JAX-over-PyTorch ratio and load.
   assert len(loaded['rounds']) == 2
@@ -123,3 +123,13 @@ def test_cost_by_part_and_convolutions(report):
     assert row['max_rel_diff'] < 1e-5, row
     assert row['fwd_jax_ms'] > 0 and row['fwd_bwd_torch_ms'] > 0
   assert 'PyTorch/JAX' in report['stdout'] and 'conv 3x3' in report['stdout']
+
+
+def test_former_command_name_runs_the_benchmark_with_a_notice():
+  """`python -m reviewkd_jax.benchmark` (the former name) reaches the same command's flags."""
+  proc = subprocess.run([sys.executable, '-m', 'reviewkd_jax.benchmark', '--steps=x'], cwd=ROOT,
+                        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}, capture_output=True,
+                        text=True, timeout=300)
+  assert 'is now python -m reviewkd_jax.bench' in proc.stderr
+  assert "flag --steps=x: invalid literal for int()" in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode != 0

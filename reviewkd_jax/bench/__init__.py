@@ -1,4 +1,4 @@
-"""The parts of `python -m reviewkd_jax.benchmark`: each measures one thing and returns a dict.
+"""The parts of `python -m reviewkd_jax.bench`: each measures one thing and returns a dict.
 
 - `jax_step`: the real distillation train step of a config (`train.step.make_train_step`) on
   synthetic on-device batches: compile time, step-time distribution, memory, FLOPs.
