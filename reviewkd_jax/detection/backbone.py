@@ -1,61 +1,12 @@
 """The detectors' backbones: a ResNet or MobileNetV2 body with frozen BatchNorm, and an FPN.
 
-Module tree (pinned, so that weights convert; see `detection/weights.py`):
-
-  backbone/body/...  ResNet: conv1, bn1, layer{1..4}_{b}/{conv1, bn1, conv2, bn2[, conv3, bn3],
-                     downsample_0, downsample_1} (the names of `models/imagenet_resnet.py`);
-                     MobileNetV2: torchvision's `mobilenet_v2().features` names by the
-                     converter's rule (`features.0.0` -> `features_0_0`,
-                     `features.5.conv.1.0` -> `features_5/conv_1_0`).
-  backbone/fpn/lateral_{2..5}  1x1 conv with bias on C2..C5
-  backbone/fpn/output_{2..5}   3x3 conv with bias, giving P2..P5
-
-`Backbone(x)` maps NHWC images (already normalised) to a dict {'p2', ..., 'p6'} of NHWC maps
-with `fpn_channels` (256) channels at strides 4, 8, 16, 32, 64 (and, with `with_body=True`,
-also the body's 'c2'..'c5').
-
-What Detectron2 and torchvision do, and how this differs:
-
-- BatchNorm is frozen everywhere in the body (Detectron2's `FrozenBN`, torchvision's
-  `FrozenBatchNorm2d`, both eps 1e-5): every BN normalises with its stored statistics in
-  training and at test time. Our bodies always call `layers.BatchNorm` with
-  `use_running_average=True`, which computes `x * scale + shift` with the same eps; the BN
-  statistics are constants (collection `batch_stats`, never updated) and the BN `scale`/`bias`
-  are kept out of training by `frozen_param_mask` (in PyTorch they are buffers).
-- `frozen_param_mask(params, freeze_at)` is Detectron2's `MODEL.BACKBONE.FREEZE_AT` (default 2:
-  the stem and res2 are frozen). Detectron2 freezes by setting `requires_grad=False`; here the
-  mask feeds the optimizer (e.g. `optax.multi_transform` with `optax.set_to_zero()`), so frozen
-  weights get neither updates nor weight decay. torchvision's `trainable_backbone_layers=3` is
-  `freeze_at=2` as well.
-- ResNet: Detectron2's `ResNet` and torchvision's `resnet*` are the same network (7x7/2 stem
-  conv, 3x3/2 max pool, BasicBlocks for 18/34 and Bottlenecks for 50/101, a 1x1 conv + BN
-  projection where the width changes) except where the stride of a stage's first Bottleneck
-  sits: torchvision (ResNet v1.5) and Detectron2's `STRIDE_IN_1X1=False` put it on the 3x3
-  conv; Detectron2's default `STRIDE_IN_1X1=True` (the MSRA/Caffe2 ResNets, and every
-  Detectron2 model-zoo R50/R101 FPN detector) put it on the first 1x1 conv. `stride_in_1x1`
-  selects that; it does not change any parameter shape, so weights load either way: it must
-  match how the weights were trained. The blocks are `models.cifar_resnet.ResidualBlock`
-  (whose `branch` spec says which conv carries the stride); nothing in `models` changed.
-  C2..C5 are the stage outputs after their final ReLU (Detectron2's res2..res5, torchvision's
-  `IntermediateLayerGetter` outputs '0'..'3').
-- MobileNetV2 (the ReviewKD paper's Mask/Faster R-CNN MobileNetV2 student): torchvision's
-  `mobilenet_v2` layers (3x3/2 stem conv, 17 inverted residual blocks, ReLU6, width 1.0).
-  C2..C5 are the outputs of `features.3` (24 channels, stride 4), `features.6` (32, stride 8),
-  `features.13` (96, stride 16) and `features.17` (320, stride 32): the last block of the
-  block groups that end at those strides, which is exactly what the ReviewKD authors'
-  Detectron2 MobileNetV2 returns as m2..m5 (their `Detection/model/backbone/mobilenetv2.py`
-  has no final 1x1 conv to 1280 channels at all). torchvision's classification network
-  continues with `features.18` (1x1 conv to 1280, BN, ReLU6); `last_conv=True` appends it and
-  makes C5 its 1280-channel output instead (the choice of torchvision-style MobileNet FPN
-  recipes). The default follows the paper's student.
-- FPN: Detectron2's `FPN` with `LastLevelMaxPool` and torchvision's `FeaturePyramidNetwork`
-  with `LastLevelMaxPool` compute the same thing: lateral 1x1 convs, a top-down pathway
-  adding the coarser merged map upsampled by nearest-neighbour to the lateral, 3x3 output
-  convs, and P6 = max_pool(P5, kernel 1, stride 2) (every second pixel of P5). Both initialise
-  the convs with kaiming_uniform(a=1) and zero bias, as here. Detectron2 upsamples by
-  `scale_factor=2`, torchvision to the lateral's size: the same for inputs divisible by 32
-  (both pad images to that); we upsample to the lateral's size (torch's 'nearest' index rule
-  `floor(i * in / out)`), which also covers other sizes.
+`Backbone(x)` maps normalised NHWC images to {'p2', ..., 'p6'} (`fpn_channels` channels at
+strides 4 to 64; with `with_body=True` also the body's 'c2'..'c5'). The module tree is pinned
+so that Detectron2's and torchvision's weights convert (`detection/weights.py`): the ResNet
+body is `models.imagenet_resnet.resnet_stages` with frozen BN (`stride_in_1x1` for the MSRA
+ResNets), the MobileNetV2 body torchvision's `features` names, the FPN `lateral_{2..5}` and
+`output_{2..5}`. `frozen_param_mask` is Detectron2's FREEZE_AT. How each part follows
+Detectron2 and torchvision: docs/detection.md, "Module notes".
 """
 from __future__ import annotations
 

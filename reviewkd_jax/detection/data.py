@@ -1,62 +1,14 @@
-"""Detection input pipelines (COCO 2017 from tfds; the offline digit scenes; your own COCO-format
-json and images, `coco_json.py`), per process.
+"""Detection input pipelines, per process: COCO 2017 from tfds, the offline digit scenes, and a
+user's own COCO-format json and images (`coco_json.py`).
 
-Batch format (the contract with the detector): each host batch is a dict of numpy arrays,
-B = the process's share of the global batch:
-  'image'      (B, H_pad, W_pad, 3) float32, RGB 0-255 (the model normalises and reorders
-               channels itself), the resized image at the top left, zeros elsewhere.
-  'image_size' (B, 2) int32, the (h, w) of the resized image inside the padding.
-  'scale'      (B,) float32, the nominal resize factor. The exact per-axis factors are
-               image_size / orig_size (rounding); boxes use those, and so does evaluation.
-  'orig_size'  (B, 2) int32, the (h, w) of the original image.
-  'image_id'   (B,) int64, the dataset's image id (-1 for padding examples).
-  'boxes'      (B, G, 4) float32, ground truth x1y1x2y2 in resized-image pixels (flipped
-               with the image).
-  'labels'     (B, G) int32 in [0, K), contiguous foreground ids (`category_ids` maps them
-               to the dataset's ids).
-  'gt_valid'   (B, G) bool, which of the G rows are real objects.
-  'masks'      (B, G, H_pad, W_pad) uint8 0/1, only in training batches of a config with
-               `masks=True` (evaluation reads the masks from the ground truth instead).
-               Mind the size: G * H_pad * W_pad bytes per image (180 MB at 100 x 1344^2).
-  'valid'      (B,) bool, False for the padding examples that complete the last evaluation
-               batch (every evaluation image is in exactly one process's batches, once);
-               always True in training batches.
-
-Augmentation (Detectron2's defaults): ResizeShortestEdge (training: the shorter side drawn
-uniformly from `train_min_sizes`, "choice"; evaluation: `test_min_size`; the longer side
-capped at the max size; output sizes rounded with int(x + 0.5) as Detectron2), bilinear
-resizing (antialiased when shrinking, like PIL) rounded back to 0-255 integers, boxes scaled
-by the per-axis size ratios, horizontal flip with p=0.5 in training, then static zero padding
-to `pad_size` (Detectron2 pads each batch to its largest image, a multiple of 32; static
-shapes need one size for all). Ground truth: crowd boxes are dropped (as Detectron2's
-training mapper), boxes are clipped to the image and dropped when w or h <= 1e-5 (Detectron2's
-`filter_empty_instances`; with masks, also when the resized mask is empty), and the first
-`max_boxes` survivors are kept (a warning, once, when an image had more). Training skips
-images without a non-crowd annotation (Detectron2's FILTER_EMPTY_ANNOTATIONS). Masks are
-rasterised at the original size and resized bilinearly to the resized image, threshold 0.5
-(Detectron2 instead transforms the polygons and rasterises them at the new size).
-
-Processes and determinism. Training is an endless stream, like Detectron2's
-`TrainingSampler`; every process draws exactly one local batch per step, so no process runs
-out first. COCO (streamed): process p reads its even share of the training files
-(`tfds.split_for_jax_process`), shuffles files and a buffer with a seed derived from
-(seed, p), and augments the k-th example of its stream with the stateless seed
-(that seed, k): deterministic for a given process count. The digit scenes and a COCO-format
-json of yours (in memory; images read from their files): as the classification pipeline,
-every process draws the same permutation per epoch from (seed, epoch), global batch s is
-positions [s * B, (s + 1) * B) of the epochs laid end to end (each epoch drops its
-remainder), and process p takes its consecutive rows, augmented with (seed, global
-position): the global batches do not depend on the process count. Either way
-`train_batches(start_step)` resumes exactly. Evaluation: each process reads its even share
-of the evaluation split in order; every process runs `eval_steps` batches, the last ones
-completed with `valid=False` padding.
-
-COCO masks: tfds's coco/2017 has none, so with `masks=True` we read COCO's official
-instances_{train,val}2017.json with pycocotools and rasterise (`annToMask`) the annotations
-tfds lists for each image (tfds keeps COCO's annotation id in objects/id), inside the tf.data
-map through `tf.numpy_function`. Why not a generator source: the pipeline keeps tfds's
-sharded, shuffled, parallel file reading, and only the rasterisation (C code in pycocotools)
-runs in Python. The json is loaded once per process, lazily, the first time a mask is needed.
+`create_detection_pipeline(config)` returns batches of numpy arrays in the detector's
+contract: 'image' (B, H_pad, W_pad, 3) float32 RGB 0-255 at the top left of a zero canvas,
+'image_size' and 'orig_size' (B, 2), 'scale', 'image_id', ground truth 'boxes' (B, G, 4)
+x1y1x2y2 in resized pixels, 'labels' (contiguous ids), 'gt_valid', 'masks' (training, with
+masks) and 'valid' (False for the padding of the last evaluation batch). Augmentation is
+Detectron2's defaults; `train_batches(start_step)` resumes exactly. The batch format field
+by field, the augmentation, the per-process determinism and the COCO masks: docs/detection.md,
+"Module notes".
 """
 from __future__ import annotations
 
