@@ -20,6 +20,8 @@ ALLOWED = {
               'detection'},
     'benchmark': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing',
                   'platform', 'bench', 'detection'},
+    'preflight': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'platform',
+                  'bench', 'detection'},
 }
 
 
