@@ -212,13 +212,17 @@ def _is_detection(config) -> bool:
   return config.get('task', 'classification') == 'detection'
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Returns {kind: {'count', 'bytes'}} of the collectives in an optimised HLO module's text.
+def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
+  """Returns {kind: {'count', 'bytes', 'sources'}} of the collectives in an optimised HLO
+  module's text.
 
   Bytes are each op's result (for an all-reduce, the reduced buffer; a combined op's tuple
-  counts every element); an async pair counts once, at its '-start'.
+  counts every element); an async pair counts once, at its '-start'. `sources` are the
+  bytes by the JAX operation the op came from (its `op_name` metadata, without the
+  `jit(...)` prefix), largest first, at most five.
   """
-  out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+  out: dict[str, dict[str, Any]] = {}
+  sources: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   pattern = re.compile(r'=\s*(\(.*?\)|\S+)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
   for line in hlo_text.splitlines():
     match = pattern.search(line)
@@ -230,9 +234,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
       shapes = shapes[-1:]  # an async start's (operands..., result): the result
     nbytes = sum(_DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(',') if d]))
                  for t, dims in shapes)
-    out[kind]['count'] += 1
-    out[kind]['bytes'] += nbytes
-  return dict(out)
+    entry = out.setdefault(kind, {'count': 0, 'bytes': 0})
+    entry['count'] += 1
+    entry['bytes'] += nbytes
+    name = re.search(r'op_name="([^"]*)"', line)
+    sources[kind][re.sub(r'^jit\([^)]*\)/', '', name.group(1)) if name else '?'] += nbytes
+  for kind, entry in out.items():
+    entry['sources'] = dict(sources[kind].most_common(5))
+  return out
 
 
 def compile_step(config: ml_collections.ConfigDict, devices, chip: Chip) -> dict:
@@ -376,6 +385,9 @@ def format_report(r: dict, *, config_name: str = '', topology: str = '') -> str:
       'collectives per step: ' + (', '.join(
           f'{kind} x{c["count"]} ({_size(c["bytes"])})'
           for kind, c in sorted(r['collectives'].items())) or 'none'),
+      *(f'  {kind} bytes mostly from: ' + '; '.join(
+          f'{name} ({_size(n)})' for name, n in list(c['sources'].items())[:3])
+        for kind, c in sorted(r['collectives'].items())),
       f'compile: {r["lower_s"]:.1f} s to trace and lower, {r["compile_s"]:.1f} s to compile',
       'These are the TPU compiler\'s analyses of the program, not measurements on hardware.',
   ]

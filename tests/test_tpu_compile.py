@@ -61,10 +61,12 @@ def test_classification_report_is_the_compilers(classification):
   # The state is donated: the new state is written into it.
   assert r['memory']['alias_bytes'] >= _bytes(state) - 64
   assert r['fits'] and r['memory']['peak_bytes'] < r['hbm_bytes'] == 16 * 2**30
-  # Per chip: an eighth of the program's FLOPs (plus the optimizer update every chip makes).
+  # Per chip: an eighth of the program's FLOPs, not all of them. The compiler counts more
+  # than the traced program's eighth (its padded tiles and recomputation: 1.4x here, where
+  # 16-channel convolutions fill few of the MXU's lanes).
   params = sum(x.size for x in jax.tree.leaves(state.params))
   program = _program_flops(preflight.classification_step, config)
-  assert program / 8 <= r['flops_per_chip'] <= program / 8 + 40 * params, (program, r)
+  assert program / 8 <= r['flops_per_chip'] <= 2 * program / 8, (program, r)
   assert r['bytes_accessed_per_chip'] > r['memory']['argument_bytes']
   assert r['flop_bound_step_s'] == pytest.approx(r['flops_per_chip'] / 197e12)
   assert r['flop_bound_images_per_s'] == pytest.approx(16 / r['flop_bound_step_s'])
@@ -115,15 +117,17 @@ def test_largest_fitting_batch_bisects_by_compiling(monkeypatch):
 
 def test_collectives_are_read_from_the_hlo():
   hlo = '\n'.join([
-      '  %all-reduce.1 = f32[16,4]{1,0:T(8,128)} all-reduce(%fusion.1), channel_id=1',
+      '  %all-reduce.1 = f32[16,4]{1,0:T(8,128)} all-reduce(%fusion.1), channel_id=1, '
+      'metadata={op_name="jit(train_step)/transpose(jvp(Net))/conv" stack_frame_id=3}',
       '  %all-reduce.2 = (bf16[8]{0:T(256)(128)(2,1)}, f32[2]{0}) all-reduce(%a, %b), x=1',
       '  %ag = (f32[4]{0}, f32[32]{0}) all-gather-start(%c), dimensions={0}',
       '  %agd = f32[32]{0} all-gather-done(%ag)',
       '  %f = f32[16,4]{1,0} fusion(%all-reduce.1), kind=kLoop',
   ])
-  assert preflight.collectives(hlo) == {
-      'all-reduce': {'count': 2, 'bytes': 16 * 4 * 4 + 8 * 2 + 2 * 4},
-      'all-gather': {'count': 1, 'bytes': 32 * 4}}
+  found = preflight.collectives(hlo)
+  assert {k: (v['count'], v['bytes']) for k, v in found.items()} == {
+      'all-reduce': (2, 16 * 4 * 4 + 8 * 2 + 2 * 4), 'all-gather': (1, 32 * 4)}
+  assert found['all-reduce']['sources'] == {'transpose(jvp(Net))/conv': 256, '?': 24}
 
 
 def test_without_libtpu_one_message_names_the_install_line(monkeypatch):
