@@ -92,8 +92,12 @@ def test_detection_distillation_step_compiles_for_two_hosts():
   assert r['fits'] and 0 < r['memory']['temp_bytes'] < r['hbm_bytes']
   program = _program_flops(preflight.detection_step, config)
   assert 0.9 * program / 8 <= r['flops_per_chip'] < program / 2, (program, r)
-  assert 'all-reduce' in r['collectives']
+  # Data parallel: the gradients are all-reduced, and no image's features travel to other
+  # chips (RoIAlign pools per image; from one flat buffer of all images' pyramids the
+  # partitioner all-gathered 85 MiB per step here).
   assert r['collectives']['all-reduce']['bytes'] > 0
+  moved = sum(c['bytes'] for k, c in r['collectives'].items() if k != 'all-reduce')
+  assert moved < 2**20, r['collectives']
 
 
 def test_largest_fitting_batch_bisects_by_compiling(monkeypatch):
