@@ -165,3 +165,12 @@ def test_cpu_runs_do_not_probe_for_tpus():
   else:
     assert proc.stdout.split() == ['True', 'cpu']
     assert 'TPU' not in proc.stderr
+
+
+def test_the_compilers_out_of_memory_refusal_is_recognised():
+  # libtpu 0.0.42's words for a step too large for the chip (seen at 131072 images per chip).
+  refusal = RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
+                         'required for HLO temporaries (134.90G) exceeds available HBM '
+                         '(15.75G).')
+  assert preflight._out_of_memory(refusal)  # pylint: disable=protected-access
+  assert not preflight._out_of_memory(ValueError('config.batch_size must be >= 1'))  # pylint: disable=protected-access
