@@ -19,6 +19,7 @@ import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
 
+from reviewkd_jax import platform
 from reviewkd_jax.data.image_folder import register_from_config
 from reviewkd_jax.models.registry import set_outputs_from_config
 from reviewkd_jax.train import EXIT_STOPPED, SetupError, is_stopped, storage_fault
@@ -73,6 +74,7 @@ class _QuietCheckpointer(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  platform.skip_absent_tpu()  # before JAX's first computation
   logging.get_absl_handler().addFilter(_QuietCheckpointer())
   # tf.data only: keep TensorFlow off the accelerators JAX uses.
   tf.config.experimental.set_visible_devices([], 'GPU')

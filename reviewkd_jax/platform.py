@@ -1,13 +1,19 @@
-"""XLA:CPU compiler options of the train step, chosen by measurement.
+"""XLA:CPU compiler options of the train step, chosen by measurement; no TPU probe without TPUs.
 
 `step_compiler_options(devices)` returns the options that `train.step.make_train_step`
 compiles its program with when every device of the run is a CPU (per program, through
 `jax.jit(..., compiler_options=...)`: nothing process-wide changes, and GPU/TPU programs
 get none). `CPU_STEP_OPTIONS` says what each option does and what it was measured at.
+`skip_absent_tpu()` keeps an installed libtpu (the TPU compiler the pre-flight needs) from
+probing for TPU chips on a machine that has none.
 """
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
+import os
+import pathlib
 
 from absl import logging
 
@@ -59,3 +65,39 @@ def step_compiler_options(devices) -> dict[str, str] | None:
     return None
   options = {k: v for k, v in CPU_STEP_OPTIONS.items() if _accepted(k, v)}
   return options or None
+
+
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+
+
+def tpu_hardware_present() -> bool:
+  """Returns True if this machine may have TPU chips: a Google PCI device (what JAX itself
+  looks for, by vendor here so that every TPU generation counts) or a TPU device node."""
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      if pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:
+        return True
+    except OSError:
+      continue
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def skip_absent_tpu() -> bool:
+  """Restricts JAX to its CPU backend when libtpu is installed but there is nothing else to
+  use; returns True if it did. Call it before JAX's first computation.
+
+  JAX initialises its TPU backend whenever libtpu is importable (its CUDA backend only when a
+  GPU is visible); on a machine without TPUs libtpu then prints warnings about the missing
+  hardware at the first computation. Nothing changes when the user chose platforms
+  (JAX_PLATFORMS), when libtpu is not installed, or when the machine may have a TPU or an
+  NVIDIA GPU: a real accelerator is never hidden.
+  """
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+    return False
+  if tpu_hardware_present() or glob.glob('/dev/nvidia[0-9]*'):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_platforms:
+    return False
+  jax.config.update('jax_platforms', 'cpu')
+  return True

@@ -19,6 +19,8 @@ ALLOWED = {
     'bench': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'testing', 'platform',
               'detection'},
     'benchmark': set(),  # the former command name: runs `bench` by name, imports nothing
+    'preflight': {'models', 'losses', 'distill', 'data', 'convert', 'train', 'platform',
+                  'bench', 'detection'},
 }
 
 

@@ -16,7 +16,8 @@ def _pins(name: str) -> dict[str, str]:
 def test_gpu_and_tpu_requirements_pin_the_tested_jax():
   cpu = _pins('requirements.txt')
   assert cpu['jax'] == cpu['jaxlib']
-  for name, extra in (('requirements-gpu.txt', 'cuda12'), ('requirements-tpu.txt', 'tpu')):
+  for name, extra in (('requirements-gpu.txt', 'cuda12'), ('requirements-tpu.txt', 'tpu'),
+                      ('requirements-dev.txt', 'tpu')):
     text = (ROOT / name).read_text()
     assert '-r requirements.txt' in text
     assert f'jax[{extra}]=={cpu["jax"]}' in text, name

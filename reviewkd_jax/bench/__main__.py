@@ -235,6 +235,8 @@ def _parts(requested: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  from reviewkd_jax import platform as platform_lib  # pylint: disable=g-import-not-at-top
+  platform_lib.skip_absent_tpu()  # before JAX's first computation
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only
   from reviewkd_jax.bench import report as report_lib  # pylint: disable=g-import-not-at-top

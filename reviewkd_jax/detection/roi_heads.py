@@ -157,16 +157,24 @@ class RoIHeadsConfig:
 
 def pool(config: RoIHeadsConfig, features: Sequence[jax.Array], boxes: jax.Array,
          output_size: int) -> jax.Array:
-  """Returns (B, R, P, P, C) RoIAlign features of (B, R, 4) boxes from the FPN levels."""
-  b, r = boxes.shape[:2]
-  batch_index = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
-  pooled = roi_ops.multiscale_roi_align(
-      features, boxes.reshape(b * r, 4), batch_index, output_size, min_level=config.min_level,
-      sampling_ratio=config.sampling_ratio, max_sampling_ratio=config.max_sampling_ratio,
-      aligned=config.aligned,
-      level_rule=config.level_rule, canonical_box_size=config.canonical_box_size,
-      canonical_level=config.canonical_level)
-  return pooled.reshape(b, r, *pooled.shape[1:])
+  """Returns (B, R, P, P, C) RoIAlign features of (B, R, 4) boxes from the FPN levels.
+
+  Mapped over the images (`vmap`), each image's boxes reading its own pyramid: the gathers
+  keep the batch axis, so a batch split over devices pools on each device from its own
+  images (one flat buffer of all images' levels made XLA's partitioner copy every image's
+  pyramid to every device).
+  """
+  r = boxes.shape[1]
+
+  def one(levels, image_boxes):
+    return roi_ops.multiscale_roi_align(
+        [f[None] for f in levels], image_boxes, jnp.zeros((r,), jnp.int32), output_size,
+        min_level=config.min_level, sampling_ratio=config.sampling_ratio,
+        max_sampling_ratio=config.max_sampling_ratio, aligned=config.aligned,
+        level_rule=config.level_rule, canonical_box_size=config.canonical_box_size,
+        canonical_level=config.canonical_level)
+
+  return jax.vmap(one)(list(features), boxes)
 
 
 # ---------------------------------------------------------------------------- training
@@ -304,19 +312,21 @@ def mask_targets(gt_masks: jax.Array, boxes: jax.Array, matched: jax.Array, *,
   """
   if rule not in MASK_TARGET_RULES:
     raise ValueError(f'mask target rule must be one of {MASK_TARGET_RULES}, got {rule!r}')
-  b, g, h, w = gt_masks.shape
-  m = boxes.shape[1]
-  maps = gt_masks.reshape(b * g, h, w)
-  index = (jnp.arange(b, dtype=jnp.int32)[:, None] * g + matched.astype(jnp.int32)).reshape(-1)
-  map_sizes = None
-  if image_sizes is not None:
-    map_sizes = jnp.repeat(jnp.asarray(image_sizes, jnp.int32), g, axis=0)     # (B * G, 2)
-  out = roi_ops.roi_align_maps(maps, jax.lax.stop_gradient(boxes).reshape(b * m, 4), index,
-                               size, sampling_ratio=0, aligned=rule == 'detectron2',
-                               chunk=chunk, map_sizes=map_sizes)
+  g = gt_masks.shape[1]
+
+  # Mapped over the images (as `pool`): each image's boxes read its own masks, so a batch
+  # split over devices keeps every image's masks on its own device.
+  def one(masks, image_boxes, image_matched, image_size):
+    map_sizes = None if image_size is None else jnp.broadcast_to(image_size, (g, 2))
+    return roi_ops.roi_align_maps(masks, image_boxes, image_matched.astype(jnp.int32), size,
+                                  sampling_ratio=0, aligned=rule == 'detectron2',
+                                  chunk=chunk, map_sizes=map_sizes)
+
+  sizes = None if image_sizes is None else jnp.asarray(image_sizes, jnp.int32)
+  out = jax.vmap(one)(gt_masks, jax.lax.stop_gradient(boxes), matched, sizes)
   if rule == 'detectron2':
     out = (out >= 0.5).astype(jnp.float32)
-  return out.reshape(b, m, size, size)
+  return out
 
 
 def mask_loss(mask_logits: jax.Array, classes: jax.Array, targets: jax.Array,
