@@ -1,4 +1,5 @@
 """Shared test settings: the repository root, the mock-data size and the tiny training config."""
+import os
 import pathlib
 
 import jax
@@ -9,6 +10,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every mock split (tfds.testing.mock_data): 3 training steps of 16, 4 eval batches (8 padded).
 NUM_MOCK_EXAMPLES = 56
 ONE_DEVICE = jax.devices()[:1]
+
+
+def xla_flags(devices: int) -> str:
+  """Returns this run's XLA_FLAGS (tests/conftest.py) with `devices` simulated CPU devices, for
+  a subprocess that needs another device count."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join([*flags, f'--xla_force_host_platform_device_count={devices}'])
 
 
 def snapshot(root: pathlib.Path) -> dict:

@@ -24,10 +24,10 @@ from reviewkd_jax.data import DatasetNotFoundError
 from reviewkd_jax.detection import coco_json, data, evaluation, scenes
 from reviewkd_jax.train import SetupError
 from reviewkd_jax.train.detection import train_detector
-from tests.helpers import ONE_DEVICE, ROOT
+from tests.helpers import ONE_DEVICE, ROOT, xla_flags
 
 SCENES = scenes.SceneConfig(num_train=32, num_eval=12)
-ONE_CPU = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+ONE_CPU = {**os.environ, 'XLA_FLAGS': xla_flags(1)}
 DISK_IDS = tuple(3 + 4 * d for d in range(scenes.NUM_CLASSES))  # digit d -> id 3 + 4d
 CROWD_DIGIT = 5
 SIZES = dict(batch_size=8, eval_batch_size=8)

@@ -22,7 +22,7 @@ from reviewkd_jax.train import EXIT_STOPPED
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import teacher as teacher_lib
-from tests.helpers import ONE_DEVICE, ROOT
+from tests.helpers import ONE_DEVICE, ROOT, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _free_port() -> int:
 def _launch(workdir, *, processes: int, devices_per_process: int, log_dir) -> list:
   """Starts `processes` copies of main.py (each in its own process group)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}'}
+         'XLA_FLAGS': xla_flags(devices_per_process)}
   extra = []
   if processes > 1:
     extra = [f'--coordinator_address=127.0.0.1:{_free_port()}',

@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, snapshot
+from tests.helpers import ROOT, snapshot, xla_flags
 
 pytestmark = pytest.mark.slow  # subprocesses of main.py
 
 BASE = ['--config=configs/default.py', '--config.dataset=digits', '--config.model=resnet8',
         '--config.batch_size=32', '--config.eval_batch_size=64', '--config.num_epochs=1']
-TWO_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+TWO_DEVICES = {'XLA_FLAGS': xla_flags(2)}
 
 
 def _main(workdir: pathlib.Path, *args: str, env: dict | None = None):
