@@ -515,7 +515,7 @@ def _detection_batch(images: int, image_size, pad_size, max_boxes: int, num_clas
 
 
 class _DetJaxRunner:
-  """The detection train step (`train.detection.make_train_step`), compiled and timed."""
+  """The detection train step (`train.detection.make_detector_train_step`), compiled and timed."""
 
   def __init__(self, settings: dict, tiny: bool):
     import flax  # pylint: disable=g-import-not-at-top
@@ -543,16 +543,17 @@ class _DetJaxRunner:
     variables = _draw_variables(model_lib.abstract_variables(module), 0)
     student_shapes = jax.eval_shape(
         lambda v: module.apply(v, image, method=model_lib.RCNN.features), variables)
-    head = det_train.distill_module(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
+    adapter = det_train.build_adapter(config,
+                                      {k: v.shape[-1] for k, v in teacher_shapes.items()})
     from reviewkd_jax.detection import distill as det_distill  # pylint: disable=g-import-not-at-top
     zeros = [jax.ShapeDtypeStruct(student_shapes[k].shape, student_shapes[k].dtype)
              for k in det_distill.LEVELS]
     distill_vars = _draw_variables(jax.eval_shape(
-        lambda: head.init(jax.random.key(2), [jnp.zeros(z.shape, z.dtype) for z in zeros],
-                          train=False)), 2)
+        lambda: adapter.init(jax.random.key(2), [jnp.zeros(z.shape, z.dtype) for z in zeros],
+                             train=False)), 2)
     params = {'student': variables.pop('params'), 'distill': distill_vars.pop('params', {})}
     model_state = {'student': variables, 'distill': distill_vars}
-    tx, schedule = det_train.make_optimizer(config, params)
+    tx, schedule = det_train.make_detector_optimizer(config, params)
     rep = state_lib.replicated(mesh)
     self.state = jax.device_put(state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
@@ -561,8 +562,9 @@ class _DetJaxRunner:
     self.host_batch = _detection_batch(settings['images'], settings['image_size'],
                                        config.pad_size, config.max_boxes, num_classes)
     self.batch = jax.device_put(self.host_batch, state_lib.batch_sharded(mesh))
-    self.train_step = det_train.make_train_step(module, tx, schedule, mesh, config=config,
-                                                teacher=teacher, head=head)
+    self.train_step = det_train.make_detector_train_step(module, tx, schedule, mesh,
+                                                         config=config, teacher=teacher,
+                                                         adapter=adapter)
     self.mesh = mesh
     self.synced, self.pipelined = [], []
 

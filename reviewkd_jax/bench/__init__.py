@@ -1,6 +1,6 @@
 """The parts of `python -m reviewkd_jax.bench`: each measures one thing and returns a dict.
 
-- `jax_step`: the real distillation train step of a config (`train.step.make_train_step`) on
+- `jax_step`: the real distillation train step of a config (`train.step.make_classifier_train_step`) on
   synthetic on-device batches: compile time, step-time distribution, memory, FLOPs.
 - `torch_step`: the same pair and computation as the authors' PyTorch training loop runs it
   (eager, and `torch.compile` where it works), on the same initial weights.

@@ -7,7 +7,7 @@
       --torch=eager --parts=all --conv --input_pipeline=none
 
 Measures, on synthetic batches already on the device:
-- the JAX train step users run (`reviewkd_jax.train.step.make_train_step`: teacher + student
+- the JAX train step users run (`reviewkd_jax.train.step.make_classifier_train_step`: teacher + student
   + ABFs + loss + SGD update in one compiled program, state donated): trace and compile
   time, per-step time (median and spread) after warm-up, images/s, peak memory (device
   statistics on GPU/TPU, the compiled program's memory analysis on CPU), FLOPs per step

@@ -32,7 +32,7 @@ class JaxStep:
   mesh: Any
   model: Any
   teacher: Any
-  train_step: Any             # the jitted `make_train_step` function
+  train_step: Any             # the jitted `make_classifier_train_step` function
   state: state_lib.TrainState
   teacher_variables: Any
   batch: dict                 # global arrays, sharded over the batch axis
