@@ -13,8 +13,8 @@ Every part runs on the same shapes in both frameworks (the config's pair and glo
   student), no update;
 - `optimizer`: the SGD update alone on the full trainable tree (student + ABFs) from given
   gradients;
-- `full_step`: the whole distillation step (`train.step.make_classifier_train_step` / the authors' loop
-  body), for comparison with the sum of the parts;
+- `full_step`: the whole distillation step (`train.step.make_classifier_train_step` / the
+  authors' loop body), for comparison with the sum of the parts;
 - `conv` (separate, `conv_shapes`): single 3x3 convolutions at resnet20's shapes, forward and
   forward + backward (input and weight gradients), which is where the backbones spend their
   time: it shows how much of a gap is the convolution kernels of the two libraries rather
