@@ -46,13 +46,13 @@ def coco_state_shapes():
                           svars)
   tfeats = jax.eval_shape(lambda v: teacher.apply(v, image, method=model_lib.RCNN.features),
                           tvars)
-  head = detection.distill_module(config, {k: v.shape[-1] for k, v in tfeats.items()})
+  adapter = detection.build_adapter(config, {k: v.shape[-1] for k, v in tfeats.items()})
   zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in sfeats.items()}
-  hvars = dict(jax.eval_shape(lambda k: head.init(
+  hvars = dict(jax.eval_shape(lambda k: adapter.init(
       k, detection.det_distill.pyramid(zeros), train=False), jax.random.key(0)))
   svars = dict(svars)
   params = {'student': svars.pop('params'), 'distill': hvars.pop('params')}
-  tx, _ = detection.make_optimizer(config, params)
+  tx, _ = detection.make_detector_optimizer(config, params)
   return {'params': params, 'model_state': {'student': svars, 'distill': hvars},
           'opt_state': jax.eval_shape(tx.init, params)}
 

@@ -249,6 +249,34 @@ def _torch_setup():
           'matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32}
 
 
+def _add_torch_eager(result: Result, settings: dict, runners: dict, build) -> None:
+  """Adds `build()`, the PyTorch eager runner with its first step run, to `runners` as
+  'torch_eager', or the reason it is absent to the report (`jax_only`, or the error `build`
+  raised)."""
+  try:
+    if settings.get('jax_only'):
+      raise _Skipped('JAX only')
+    result.data['torch_settings'] = _torch_setup()
+    runners['torch_eager'] = build()
+  except _Skipped as e:
+    result.data['torch_eager_skipped'] = str(e)
+  except Exception as e:  # pylint: disable=broad-except
+    result.data['torch_eager_error'] = f'{type(e).__name__}: {e}'
+    traceback.print_exc()
+
+
+def _timed_rounds(result: Result, runners: dict, *, warmup: int, rounds: int, per_round: int,
+                  device: str):
+  """Warms every runner up, then times `rounds` interleaved rounds of `per_round` steps each
+  into the report (`bench.rounds`); returns PyTorch's peak memory before the timed steps."""
+  from reviewkd_jax.bench import rounds as rounds_lib  # pylint: disable=g-import-not-at-top
+  for r in runners.values():
+    r.warmup(warmup)
+  first_peak = _reset_torch_peak(device)
+  result.data['rounds'] = rounds_lib.interleaved_rounds(runners, rounds * per_round, per_round)
+  return first_peak
+
+
 def _load_config(settings: dict):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{settings["config"]}').get_config()
@@ -346,9 +374,9 @@ def classification(result: Result, settings: dict, deadline: float):
   """The config's JAX train step against the authors' loop in PyTorch eager, interleaved."""
   import math  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import hardware, jax_step  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import report as report_lib  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.bench import rounds as rounds_lib  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.distill import reviewkd  # pylint: disable=g-import-not-at-top
   steps, rounds, warmup = settings.get('steps', 30), settings.get('rounds', 3), 3
   per_round = math.ceil(steps / rounds)
@@ -372,10 +400,8 @@ def classification(result: Result, settings: dict, deadline: float):
 
   runners = {'jax': jr}
   device = _torch_device()
-  try:
-    if settings.get('jax_only'):
-      raise _Skipped('JAX only')
-    result.data['torch_settings'] = _torch_setup()
+
+  def torch_eager():
     from reviewkd_jax.bench import torch_step  # pylint: disable=g-import-not-at-top
     shape = (1, *step.spec.image_shape)
     levels = (reviewkd.feature_spec(step.model.student, shape, config.student_features),
@@ -388,27 +414,11 @@ def classification(result: Result, settings: dict, deadline: float):
     runner = torch_step.TorchRunner(ts, step.host_batch)
     runner.compile()
     _log(f'torch eager: first step {runner.result["first_call_s"]:.1f} s')
-    runners['torch_eager'] = runner
-  except _Skipped as e:
-    result.data['torch_eager_skipped'] = str(e)
-  except Exception as e:  # pylint: disable=broad-except
-    result.data['torch_eager_error'] = f'{type(e).__name__}: {e}'
-    traceback.print_exc()
-  for r in runners.values():
-    r.warmup(warmup)
-  first_peak = _reset_torch_peak(device)
-  result.data['rounds'] = []
-  for _ in range(rounds):
-    this = {'load_average': os.getloadavg()[0]}
-    for name, r in runners.items():
-      first_i = len(r.synced)
-      r.run_synced(per_round)
-      this[f'{name}_ms'] = float(np.median(r.synced[first_i:])) * 1e3
-      if name == 'jax':
-        r.run_pipelined(per_round)
-    if 'torch_eager' in runners:
-      this['speedup_vs_torch_eager'] = this['torch_eager_ms'] / this['jax_ms']
-    result.data['rounds'].append(this)
+    return runner
+
+  _add_torch_eager(result, settings, runners, torch_eager)
+  first_peak = _timed_rounds(result, runners, warmup=warmup, rounds=rounds,
+                             per_round=per_round, device=device)
   steps_out = {name: r.summary() for name, r in runners.items()}
   _step_peaks(steps_out, first_peak)
   jax_r = steps_out['jax']
@@ -419,9 +429,8 @@ def classification(result: Result, settings: dict, deadline: float):
     te['flops_note'] = 'MFU from the JAX step\'s FLOPs (the same computation)'
     result.data['first_step_agreement'] = report_lib.loss_agreement(
         jax_r['first_step_metrics'], te['first_step_metrics'], ce_weight=config.ce_weight)
-    ratios = [r['speedup_vs_torch_eager'] for r in result.data['rounds']]
-    result.data['speedup_vs_torch_eager'] = {'median': float(np.median(ratios)),
-                                             'min': min(ratios), 'max': max(ratios)}
+    result.data['speedup_vs_torch_eager'] = rounds_lib.speedups(
+        result.data['rounds'])['torch_eager']
   result.data['steps'] = steps_out
   result.save('timed')
   _log(f'jax {jax_r["step"]["median_ms"]:.2f} ms/step (back to back '
@@ -472,25 +481,6 @@ def torch_compile(result: Result, settings: dict, deadline: float):
 # ------------------------------------------------------------------------ detection
 
 
-def _draw_variables(template, seed: int):
-  """Host-drawn variables of a template: kernels ~ N(0, 1/fan_in), BN-like scale/var 1,
-  everything else 0 (a stand-in for trained weights: the cost of a step does not change)."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = getattr(path[-1], 'key', str(path[-1]))
-    if name == 'kernel':
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-    fill = 1.0 if name in ('scale', 'var', 'weight') else 0.0
-    return np.full(leaf.shape, fill, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, flax.core.unfreeze(template))
-
-
 def _detection_batch(images: int, image_size, pad_size, max_boxes: int, num_classes: int,
                      seed: int = 0):
   """A detection batch of `detection/data.py`'s training format: random RGB images at the
@@ -515,13 +505,13 @@ def _detection_batch(images: int, image_size, pad_size, max_boxes: int, num_clas
 
 
 class _DetJaxRunner:
-  """The detection train step (`train.detection.make_train_step`), compiled and timed."""
+  """The detection train step (`train.detection.make_detector_train_step`), compiled and timed."""
 
   def __init__(self, settings: dict, tiny: bool):
-    import flax  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from configs import coco_distill  # pylint: disable=g-import-not-at-top
+    from reviewkd_jax.bench.jax_step import draw_variables  # pylint: disable=g-import-not-at-top
     from reviewkd_jax.detection import model as model_lib  # pylint: disable=g-import-not-at-top
     from reviewkd_jax.train import detection as det_train  # pylint: disable=g-import-not-at-top
     from reviewkd_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -537,22 +527,23 @@ class _DetJaxRunner:
     module = model_lib.RCNN(det_train.detector_config(config, num_classes))
     teacher = model_lib.RCNN(det_train.detector_config(config, num_classes, teacher=True))
     image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
-    teacher_variables = _draw_variables(model_lib.abstract_variables(teacher), 1)
+    teacher_variables = draw_variables(model_lib.abstract_variables(teacher), 1)
     teacher_shapes = jax.eval_shape(
         lambda v: teacher.apply(v, image, method=model_lib.RCNN.features), teacher_variables)
-    variables = _draw_variables(model_lib.abstract_variables(module), 0)
+    variables = draw_variables(model_lib.abstract_variables(module), 0)
     student_shapes = jax.eval_shape(
         lambda v: module.apply(v, image, method=model_lib.RCNN.features), variables)
-    head = det_train.distill_module(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
+    adapter = det_train.build_adapter(config,
+                                      {k: v.shape[-1] for k, v in teacher_shapes.items()})
     from reviewkd_jax.detection import distill as det_distill  # pylint: disable=g-import-not-at-top
     zeros = [jax.ShapeDtypeStruct(student_shapes[k].shape, student_shapes[k].dtype)
              for k in det_distill.LEVELS]
-    distill_vars = _draw_variables(jax.eval_shape(
-        lambda: head.init(jax.random.key(2), [jnp.zeros(z.shape, z.dtype) for z in zeros],
-                          train=False)), 2)
+    distill_vars = draw_variables(jax.eval_shape(
+        lambda: adapter.init(jax.random.key(2), [jnp.zeros(z.shape, z.dtype) for z in zeros],
+                             train=False)), 2)
     params = {'student': variables.pop('params'), 'distill': distill_vars.pop('params', {})}
     model_state = {'student': variables, 'distill': distill_vars}
-    tx, schedule = det_train.make_optimizer(config, params)
+    tx, schedule = det_train.make_detector_optimizer(config, params)
     rep = state_lib.replicated(mesh)
     self.state = jax.device_put(state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
@@ -561,8 +552,9 @@ class _DetJaxRunner:
     self.host_batch = _detection_batch(settings['images'], settings['image_size'],
                                        config.pad_size, config.max_boxes, num_classes)
     self.batch = jax.device_put(self.host_batch, state_lib.batch_sharded(mesh))
-    self.train_step = det_train.make_train_step(module, tx, schedule, mesh, config=config,
-                                                teacher=teacher, head=head)
+    self.train_step = det_train.make_detector_train_step(module, tx, schedule, mesh,
+                                                         config=config, teacher=teacher,
+                                                         adapter=adapter)
     self.mesh = mesh
     self.synced, self.pipelined = [], []
 
@@ -570,12 +562,7 @@ class _DetJaxRunner:
     import jax  # pylint: disable=g-import-not-at-top
     from reviewkd_jax.bench import jax_step  # pylint: disable=g-import-not-at-top
     args = (self.state, self.batch, self.teacher_variables)
-    t0 = time.perf_counter()
-    lowered = self.train_step.lower(*args)
-    trace_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    lowered, compiled, trace_s, compile_s = jax_step.lower_and_compile(self.train_step, args)
     t0 = time.perf_counter()
     self.state, metrics = self.train_step(*args)
     first = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -743,6 +730,7 @@ def detection(result: Result, settings: dict, deadline: float):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import hardware, jax_step  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.bench import rounds as rounds_lib  # pylint: disable=g-import-not-at-top
   tiny = settings.get('tiny', False)
   steps, rounds = settings.get('steps', 12), settings.get('rounds', 3)
   per_round = steps // rounds
@@ -766,36 +754,17 @@ def detection(result: Result, settings: dict, deadline: float):
   result.save('jax_compile')
   runners = {'jax': jr}
   device = _torch_device()
-  try:
-    if settings.get('jax_only'):
-      raise _Skipped('JAX only')
-    result.data['torch_settings'] = _torch_setup()
-    lr = compiled['first_step_metrics']['lr']
+
+  def torch_eager():
     tr = _DetTorchRunner(settings, jr.host_batch, distill=True, lam=c.reviewkd_weight,
-                         lr=lr, device=device)
+                         lr=compiled['first_step_metrics']['lr'], device=device)
     tr.compile()
     _log(f'torch detection: first step {tr.result["first_call_s"]:.1f} s')
-    runners['torch_eager'] = tr
-  except _Skipped as e:
-    result.data['torch_eager_skipped'] = str(e)
-  except Exception as e:  # pylint: disable=broad-except
-    result.data['torch_eager_error'] = f'{type(e).__name__}: {e}'
-    traceback.print_exc()
-  for r in runners.values():
-    r.warmup(2)
-  first_peak = _reset_torch_peak(device)
-  result.data['rounds'] = []
-  for _ in range(rounds):
-    this = {}
-    for name, r in runners.items():
-      first_i = len(r.synced)
-      r.run_synced(per_round)
-      this[f'{name}_ms'] = float(np.median(r.synced[first_i:])) * 1e3
-      if name == 'jax':
-        r.run_pipelined(per_round)
-    if 'torch_eager' in runners:
-      this['speedup_vs_torch_eager'] = this['torch_eager_ms'] / this['jax_ms']
-    result.data['rounds'].append(this)
+    return tr
+
+  _add_torch_eager(result, settings, runners, torch_eager)
+  first_peak = _timed_rounds(result, runners, warmup=2, rounds=rounds, per_round=per_round,
+                             device=device)
   stats = jax_step.summarize(jr.synced)
   pipelined_s = float(np.median(jr.pipelined))
   last = {k: float(v) for k, v in jax.device_get(jr._last).items()}
@@ -812,9 +781,8 @@ def detection(result: Result, settings: dict, deadline: float):
     te.update(_bf16_utilization(compiled['flops_per_step'], te['step']['median_ms'] / 1e3))
     te['framework'] = 'torchvision Faster R-CNN + R101-FPN teacher + DetectionReviewKD, eager'
     steps_out['torch_eager'] = te
-    ratios = [r['speedup_vs_torch_eager'] for r in result.data['rounds']]
-    result.data['speedup_vs_torch_eager'] = {'median': float(np.median(ratios)),
-                                             'min': min(ratios), 'max': max(ratios)}
+    result.data['speedup_vs_torch_eager'] = rounds_lib.speedups(
+        result.data['rounds'])['torch_eager']
   _step_peaks(steps_out, first_peak)
   result.data['steps'] = steps_out
   result.save('timed')

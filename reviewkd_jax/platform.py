@@ -1,6 +1,6 @@
 """XLA:CPU compiler options of the train step, chosen by measurement; no TPU probe without TPUs.
 
-`step_compiler_options(devices)` returns the options that `train.step.make_train_step`
+`step_compiler_options(devices)` returns the options that `train.step.make_classifier_train_step`
 compiles its program with when every device of the run is a CPU (per program, through
 `jax.jit(..., compiler_options=...)`: nothing process-wide changes, and GPU/TPU programs
 get none). `CPU_STEP_OPTIONS` says what each option does and what it was measured at.

@@ -5,7 +5,7 @@
       --topology=v5e:2x4 --per_chip_batch=2 --fit
 
 The step is the one training runs, teacher included (classification: `train.setup.build_run`
-then `run.train_step()`; detection: `train.detection.make_train_step`), over a 'data' mesh of
+then `run.train_step()`; detection: `train.detection.make_detector_train_step`), over a 'data' mesh of
 every chip of the topology (libtpu describes v4, v5e, v5p and v6e slices of any size; one
 process compiles for all their hosts). The train state and the teacher's variables are shapes
 (`jax.eval_shape`): nothing runs, no weights or data are read. The report is the TPU
@@ -165,7 +165,7 @@ def detection_step(config: ml_collections.ConfigDict, mesh: Mesh):
       COCO_CATEGORY_IDS)
   module = model_lib.RCNN(det.detector_config(config, num_classes))
   image = jax.ShapeDtypeStruct((1, *config.pad_size, 3), jnp.float32)
-  teacher, teacher_variables, head = None, None, None
+  teacher, teacher_variables, adapter = None, None, None
   distill_vars: dict = {}
   if config.method != 'none':
     teacher = model_lib.RCNN(det.detector_config(config, num_classes, teacher=True))
@@ -176,8 +176,8 @@ def detection_step(config: ml_collections.ConfigDict, mesh: Mesh):
     student_shapes = jax.eval_shape(
         lambda k, x: module.apply(model_lib.init_variables(module, k), x,
                                   method=model_lib.RCNN.features), jax.random.key(0), image)
-    head = det.distill_module(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
-    if head is not None:
+    adapter = det.build_adapter(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
+    if adapter is not None:
       if config.method == 'fitnet':
         args, kw = (student_shapes[det_distill.FITNET_LEVEL],), {'train': False}
       elif config.method == 'reviewkd':
@@ -185,12 +185,12 @@ def detection_step(config: ml_collections.ConfigDict, mesh: Mesh):
       else:
         args, kw = (det_distill.pyramid(student_shapes),), {}
       distill_vars = flax.core.unfreeze(jax.eval_shape(
-          lambda k, a: head.init(k, *a, **kw), jax.random.key(0), args))
+          lambda k, a: adapter.init(k, *a, **kw), jax.random.key(0), args))
   variables = flax.core.unfreeze(model_lib.abstract_variables(module))
   student_params = variables.pop('params')
   params = {'student': student_params, 'distill': distill_vars.pop('params', {})}
   model_state = {'student': variables, 'distill': distill_vars}
-  tx, schedule = det.make_optimizer(config, params)
+  tx, schedule = det.make_detector_optimizer(config, params)
   state = _abstract(jax.eval_shape(lambda p: state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, model_state=model_state, opt_state=tx.init(p),
       rng=jax.random.key_data(jax.random.key(0))), params))
@@ -203,8 +203,8 @@ def detection_step(config: ml_collections.ConfigDict, mesh: Mesh):
            'gt_valid': jax.ShapeDtypeStruct((b, g), jnp.bool_)}
   if config.mask:
     batch['masks'] = jax.ShapeDtypeStruct((b, g, h, w), jnp.uint8)
-  step = det.make_train_step(module, tx, schedule, mesh, config=config, teacher=teacher,
-                             head=head)
+  step = det.make_detector_train_step(module, tx, schedule, mesh, config=config,
+                                      teacher=teacher, adapter=adapter)
   return step, (state, batch, _abstract(teacher_variables))
 
 

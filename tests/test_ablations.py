@@ -249,7 +249,7 @@ def test_head_layout_of_each_variant():
     switches = reviewkd.config_switches(config)
     pairs_ = reviewkd.level_pairs(3, review=switches['review'], residual=switches['residual'],
                                   stage_pair=switches['stage_pair'])
-    assert [o.shape for o in out.head] == [
+    assert [o.shape for o in out.adapter] == [
         (BATCH, *TEACHER_SIZES[t], TEACHER_CHANNELS[t]) for _, t in pairs_]
   # The plain-sum chain has no attention convs; the attention chain has them but the deepest.
   _, v_sum, *_ = _run(_config(**VARIANTS['table7_rm_rlf']), train=False)
@@ -352,13 +352,13 @@ def test_everything_on_is_the_method_bit_for_bit(train):
     jax.tree.map(np.testing.assert_array_equal, updates, new_updates)
   else:
     ref = before.apply(variables, x, train=False)
-  for ours, theirs in zip(out.head, ref.head, strict=True):
+  for ours, theirs in zip(out.adapter, ref.adapter, strict=True):
     np.testing.assert_array_equal(ours, theirs)
   t_levels = reviewkd.review_features(teacher_out.features, 'preact')
   lam = 0.7 * base.warmup_factor(jnp.asarray(5, jnp.int32), 20)
   assert set(terms) == {'hcl'}
-  np.testing.assert_array_equal(terms['hcl'], lam * losses.hcl(ref.head, t_levels))
-  np.testing.assert_array_equal(logs['hcl'], losses.hcl(ref.head, t_levels))
+  np.testing.assert_array_equal(terms['hcl'], lam * losses.hcl(ref.adapter, t_levels))
+  np.testing.assert_array_equal(logs['hcl'], losses.hcl(ref.adapter, t_levels))
 
 
 def test_every_paper_config_keeps_the_method():

@@ -385,4 +385,4 @@ def test_crd_uniform_negatives_trace(mock_data):
       lambda v: model.apply(v, x, train=True, mutable=['batch_stats', 'memory'], **inputs),
       variables)
   assert [s.shape for s in scores] == [(4, NUM_EXAMPLES), (4, NUM_EXAMPLES)]
-  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).head is None
+  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).adapter is None

@@ -174,7 +174,7 @@ def test_head_is_reviewkd_students_abf_chain():
     own = {c: {k: v for k, v in t.items() if k.startswith('abfs_')}
            for c, t in variables.items()}
     fused, head_state = head.apply(own, levels, train=True, mutable=['batch_stats'])
-    return out.head, fused, state, head_state
+    return out.adapter, fused, state, head_state
 
   expected, got, state, head_state = both(variables)
   assert [g.shape for g in got] == [(4, 8, 8, 5), (4, 6, 6, 7), (4, 1, 1, 9)]

@@ -7,14 +7,14 @@ import pytest
 
 from reviewkd_jax.distill import base
 from reviewkd_jax.train import schedules
-from reviewkd_jax.train import state as state_lib
+from reviewkd_jax.train import setup as setup_lib
 
 SPE = 10  # steps per epoch
 
 
 def _lrs(decay_epochs, steps):
-  fn = schedules.learning_rate_schedule(0.1, steps_per_epoch=SPE, decay_epochs=decay_epochs,
-                                        decay_factor=0.1)
+  fn = schedules.classifier_lr_schedule(0.1, steps_per_epoch=SPE, decay_epochs=decay_epochs,
+                                         decay_factor=0.1)
   return [float(fn(s)) for s in steps]
 
 
@@ -61,7 +61,7 @@ def test_sgd_matches_pytorch(nesterov):
   config = ml_collections.ConfigDict(dict(
       learning_rate=0.1, batch_size=128, base_batch_size=128, momentum=0.9, nesterov=nesterov,
       weight_decay=5e-4, lr_decay_epochs=(2,), lr_decay_factor=0.1))
-  tx, _ = state_lib.make_optimizer(config, steps_per_epoch=2)
+  tx, _ = setup_lib.make_classifier_optimizer(config, steps_per_epoch=2)
   rng = np.random.default_rng(0)
   w0 = rng.normal(size=(5,)).astype(np.float32)
   grads = rng.normal(size=(6, 5)).astype(np.float32)

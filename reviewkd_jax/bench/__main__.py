@@ -7,11 +7,11 @@
       --torch=eager --parts=all --conv --input_pipeline=none
 
 Measures, on synthetic batches already on the device:
-- the JAX train step users run (`reviewkd_jax.train.step.make_train_step`: teacher + student
-  + ABFs + loss + SGD update in one compiled program, state donated): trace and compile
-  time, per-step time (median and spread) after warm-up, images/s, peak memory (device
-  statistics on GPU/TPU, the compiled program's memory analysis on CPU), FLOPs per step
-  (XLA's cost analysis) and, on known accelerators, FLOP/s and MFU;
+- the JAX train step users run (`reviewkd_jax.train.step.make_classifier_train_step`:
+  teacher + student + ABFs + loss + SGD update in one compiled program, state donated):
+  trace and compile time, per-step time (median and spread) after warm-up, images/s, peak
+  memory (device statistics on GPU/TPU, the compiled program's memory analysis on CPU),
+  FLOPs per step (XLA's cost analysis) and, on known accelerators, FLOP/s and MFU;
 - the same step in PyTorch from the same initial weights (`--torch=eager,compile`), written
   as the authors' loop runs it, and the first step's losses of both frameworks;
 - the training input pipeline per host on synthetic CIFAR-100 arrays and ImageNet-sized
@@ -32,8 +32,6 @@ import json
 import math
 import os
 import sys
-
-import numpy as np
 
 from absl import app
 from absl import flags
@@ -82,6 +80,7 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
   from reviewkd_jax import platform as platform_lib  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import hardware, input_pipeline, jax_step  # pylint: disable=g-import-not-at-top
   from reviewkd_jax.bench import report as report_lib  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.bench import rounds as rounds_lib  # pylint: disable=g-import-not-at-top
 
   rounds = max(1, min(rounds, steps))
   per_round = math.ceil(steps / rounds)
@@ -139,29 +138,11 @@ def run_benchmark(config, *, steps: int = 20, warmup: int = 3, rounds: int = 4,
 
   for runner in runners.values():
     runner.warmup(warmup)
-  # Rounds: every framework runs `per_round` timed steps in turn (J, T, J, T, ...), so a
-  # change of machine load hits them alike; each round's ratio is reported on its own.
-  rounds_report, done = [], 0
-  while done < steps:
-    n = min(per_round, steps - done)
-    this_round = {'load_average': os.getloadavg()[0]}
-    for name, runner in runners.items():
-      first = len(runner.synced)
-      runner.run_synced(n)
-      this_round[f'{name}_ms'] = float(np.median(runner.synced[first:])) * 1e3
-      if name == 'jax':
-        runner.run_pipelined(n)
-    for name in runners:
-      if name != 'jax':
-        this_round[f'speedup_vs_{name}'] = this_round[f'{name}_ms'] / this_round['jax_ms']
-    rounds_report.append(this_round)
-    done += n
+  # Rounds: every framework runs `per_round` timed steps in turn (J, T, J, T, ...).
+  rounds_report = rounds_lib.interleaved_rounds(runners, steps, per_round)
   report['rounds'] = rounds_report
-  for name in runners:
-    if name != 'jax':
-      ratios = [r[f'speedup_vs_{name}'] for r in rounds_report]
-      report.setdefault('speedup', {})[name] = {
-          'median': float(np.median(ratios)), 'min': min(ratios), 'max': max(ratios)}
+  if speedups := rounds_lib.speedups(rounds_report):
+    report['speedup'] = speedups
   for name, runner in runners.items():
     report['steps'][name] = runner.summary()
 

@@ -32,7 +32,7 @@ class JaxStep:
   mesh: Any
   model: Any
   teacher: Any
-  train_step: Any             # the jitted `make_train_step` function
+  train_step: Any             # the jitted `make_classifier_train_step` function
   state: state_lib.TrainState
   teacher_variables: Any
   batch: dict                 # global arrays, sharded over the batch axis
@@ -65,13 +65,16 @@ def build(config: ml_collections.ConfigDict, *, steps_per_epoch: int, seed: int 
 
 
 def random_variables(module, image_shape: tuple[int, ...], seed: int) -> dict:
-  """Returns random variables for `module`, drawn on the host (no init program to compile).
+  """Returns random variables for `module`, drawn on the host (no init program to compile);
+  see `draw_variables`."""
+  return draw_variables(jax.eval_shape(lambda: module.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32), train=False)), seed)
 
-  Kernels ~ N(0, 1/fan_in), BatchNorm scale 1 / bias 0 / mean 0 / var 1, other biases 0:
-  a stand-in for trained weights, which cost the same to run.
-  """
-  template = jax.eval_shape(lambda: module.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
+
+def draw_variables(template: Any, seed: int) -> dict:
+  """Returns host arrays shaped like `template` (a tree of shapes and dtypes): kernels
+  ~ N(0, 1/fan_in), BatchNorm scale 1 / bias 0 / mean 0 / var 1, other biases 0, a stand-in
+  for trained weights, which cost the same to run."""
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -160,12 +163,7 @@ class JaxRunner:
     """Lowers, compiles and runs the first step; returns times, FLOPs, memory, first loss."""
     s, counter = self.step, _counter()
     args = (s.state, s.batch, s.teacher_variables)
-    t0 = time.perf_counter()
-    lowered = s.train_step.lower(*args)
-    trace_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
+    lowered, compiled, trace_s, compile_s = lower_and_compile(s.train_step, args)
     with counter:
       t0 = time.perf_counter()
       s.state, metrics = s.train_step(*args)  # the jit's own dispatch: no second compile
@@ -237,6 +235,17 @@ class JaxRunner:
     result.update(hardware.utilization(result['flops_per_step'], pipelined_s, s.config.dtype,
                                        s.mesh.size))
     return result
+
+
+def lower_and_compile(jitted, args: tuple) -> tuple[Any, Any, float, float]:
+  """Returns (lowered, compiled, seconds to trace and lower, seconds to compile) of the jitted
+  function `jitted` for `args`."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  trace_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return lowered, compiled, trace_s, time.perf_counter() - t0
 
 
 def _flops(lowered) -> float | None:

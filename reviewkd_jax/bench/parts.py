@@ -13,8 +13,8 @@ Every part runs on the same shapes in both frameworks (the config's pair and glo
   student), no update;
 - `optimizer`: the SGD update alone on the full trainable tree (student + ABFs) from given
   gradients;
-- `full_step`: the whole distillation step (`train.step.make_train_step` / the authors' loop
-  body), for comparison with the sum of the parts;
+- `full_step`: the whole distillation step (`train.step.make_classifier_train_step` / the
+  authors' loop body), for comparison with the sum of the parts;
 - `conv` (separate, `conv_shapes`): single 3x3 convolutions at resnet20's shapes, forward and
   forward + backward (input and weight gradients), which is where the backbones spend their
   time: it shows how much of a gap is the convolution kernels of the two libraries rather
@@ -40,6 +40,7 @@ from reviewkd_jax import losses
 from reviewkd_jax import platform
 from reviewkd_jax.bench import jax_step as jax_step_lib
 from reviewkd_jax.distill import reviewkd
+from reviewkd_jax.train import setup as setup_lib
 from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import step as step_lib
 
@@ -82,7 +83,7 @@ def _jax_parts(step: jax_step_lib.JaxStep, seed: int = 0) -> dict[str, Callable[
   """Returns a zero-argument callable per part for the JAX side (each owns its state)."""
   config, spec, mesh = step.config, step.spec, step.mesh
   rep, sharded = state_lib.replicated(mesh), state_lib.batch_sharded(mesh)
-  tx, _ = state_lib.make_optimizer(config, step.steps_per_epoch)
+  tx, _ = setup_lib.make_classifier_optimizer(config, step.steps_per_epoch)
   rng = np.random.default_rng(seed)
   # The train step's XLA:CPU options (platform.py), so that the parts add up to the step.
   options = platform.step_compiler_options(mesh.devices.flat)
@@ -150,7 +151,7 @@ def _jax_parts(step: jax_step_lib.JaxStep, seed: int = 0) -> dict[str, Callable[
     def loss_fn(p, feats):
       o, new = head.apply({'params': p, 'batch_stats': bs}, feats, train=True,
                           mutable=['batch_stats'])
-      return losses.hcl(o.head, targets), new['batch_stats']
+      return losses.hcl(o.adapter, targets), new['batch_stats']
 
     (loss, new_bs), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(p, feats)
     return loss, new_bs, grads

@@ -2,14 +2,14 @@
 
 `base` holds the contract (`Method`, `LossContext`, `DistillOutput`), the registry and what
 the methods share; every other module here is one method, holding everything it adds (its
-trainable head, its loss terms, its config checks) and registering itself:
+adapter, its loss terms, its config checks) and registering itself:
 
 - `alone`: 'none', the network trained alone (teachers, student baselines);
 - `reviewkd`: 'reviewkd', ABF + HCL (the paper's method) and its ablation switches;
 - `kd`, `fitnet`, `at`, `pkt`, `rkd`, `crd`, `vid`, `ofd`, `dkd`: the comparison methods.
 
 The loss functions themselves are pure functions in `reviewkd_jax.losses`. To add a method,
-add one module here that calls `base.register_method` (or `base.register_head_method`):
+add one module here that calls `base.register_method` (or `base.register_adapter_method`):
 every module of this package is imported below, so nothing else needs to change.
 """
 import importlib

@@ -7,7 +7,7 @@ from reviewkd_jax import losses
 from reviewkd_jax.distill import base
 
 
-def _head(config, spec, dtype, student, teacher):
+def _adapter(config, spec, dtype, student, teacher):
   del spec, dtype
   base.check_stage_pairs('AT', config, student, teacher, 'stages')
 
@@ -19,4 +19,4 @@ def _terms(ctx: base.LossContext):
                                weight=c.at_weight)}, {}
 
 
-base.register_head_method('at', _head, _terms)
+base.register_adapter_method('at', _adapter, _terms)

@@ -50,13 +50,18 @@ from reviewkd_jax.models import ModelOutput, create_model
 class DistillOutput(NamedTuple):
   """What a distillation method's trainable module returns.
 
-  `head` is what the method's trainable part computes from the student's features
-  (ReviewKD: the ABF outputs shallow to deep; FitNet: the regressed hint; None for methods
-  without trainable parts).
+  `adapter` is what the method's adapter (its trainable part beside the student) computes
+  from the student's features (ReviewKD: the ABF outputs shallow to deep; FitNet: the
+  regressed hint; None for methods without trainable parts).
   """
   logits: jax.Array
   features: dict
-  head: Any = None
+  adapter: Any = None
+
+  @property
+  def head(self) -> Any:
+    """The former name of `adapter`, kept for one release."""
+    return self.adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,43 +241,45 @@ def check_stage_pairs(name: str, config, student: dict, teacher: dict, kind: str
 
 
 class DistillStudent(nn.Module):
-  """The student backbone plus a method's head; returns a `DistillOutput`.
+  """The student backbone plus a method's adapter; returns a `DistillOutput`.
 
-  The head is called as `head(features, train=..., **head_inputs)` with the keyword inputs
-  of the train step (`Method.apply_kwargs`); `head` is None without a head module.
+  The adapter, the field `head` (the name its variables have in the parameter tree and in
+  saved checkpoints, `params['head']`), is called as `head(features, train=...,
+  **adapter_inputs)` with the keyword inputs of the train step (`Method.apply_kwargs`); it
+  is None for a method without one.
   """
   student: nn.Module
   head: nn.Module | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, **head_inputs) -> DistillOutput:
-    """Returns the student's logits and features and the head's output."""
+  def __call__(self, x: jax.Array, *, train: bool, **adapter_inputs) -> DistillOutput:
+    """Returns the student's logits and features and the adapter's output."""
     logits, features = self.student(x, train=train)
-    out = None if self.head is None else self.head(features, train=train, **head_inputs)
+    out = None if self.head is None else self.head(features, train=train, **adapter_inputs)
     return DistillOutput(logits, features, out)
 
 
-HeadFn = Callable[..., 'nn.Module | None']
+AdapterFn = Callable[..., 'nn.Module | None']
 
 
-def register_head_method(name: str, head_fn: HeadFn | None, term_fn: Callable,
-                         check: Callable | None = None, **extra) -> Method:
-  """Registers a method that trains `DistillStudent(student, head_fn(...))` from a teacher.
+def register_adapter_method(name: str, adapter_fn: AdapterFn | None, term_fn: Callable,
+                            check: Callable | None = None, **extra) -> Method:
+  """Registers a method that trains `DistillStudent(student, adapter_fn(...))` from a teacher.
 
-  `head_fn(config, spec, dtype, student_features, teacher_features)` gets the two networks'
-  feature shapes and returns the head module (or None, after checking that the pair suits
-  the method); `head_fn=None`: no head. `term_fn(ctx)` returns the method's terms,
-  to which the optional logit KD term is added; `check(config)` its config checks.
+  `adapter_fn(config, spec, dtype, student_features, teacher_features)` gets the two
+  networks' feature shapes and returns the adapter module (or None, after checking that the
+  pair suits the method); `adapter_fn=None`: no adapter. `term_fn(ctx)` returns the method's
+  terms, to which the optional logit KD term is added; `check(config)` its config checks.
   """
 
   def build(config, spec, dtype):
     teacher = create_model(config.teacher, num_classes=spec.num_classes, dtype=dtype)
     student = create_model(config.model, num_classes=spec.num_classes, dtype=dtype)
-    head = None
-    if head_fn is not None:
-      head = head_fn(config, spec, dtype, feature_shapes(student, spec.image_shape),
-                     feature_shapes(teacher, spec.image_shape))
-    return DistillStudent(student, head), teacher
+    adapter = None
+    if adapter_fn is not None:
+      adapter = adapter_fn(config, spec, dtype, feature_shapes(student, spec.image_shape),
+                           feature_shapes(teacher, spec.image_shape))
+    return DistillStudent(student, adapter), teacher
 
   def check_config(config):
     check_kd_weight(config)

@@ -234,7 +234,7 @@ def _sizes(config, spec) -> tuple[int, int]:
   return spec.num_train, min(config.crd_num_negatives, spec.num_train - 1)
 
 
-def _head(config, spec, dtype, student, teacher):
+def _adapter(config, spec, dtype, student, teacher):
   del dtype, student
   num_data, num_negatives = _sizes(config, spec)
   if num_negatives < config.crd_num_negatives:
@@ -247,7 +247,7 @@ def _head(config, spec, dtype, student, teacher):
 
 
 def _terms(ctx: base.LossContext):
-  student_scores, teacher_scores = ctx.student_out.head
+  student_scores, teacher_scores = ctx.student_out.adapter
   return {'crd': losses.crd_loss(student_scores, teacher_scores,
                                  num_data=ctx.constant('num_data'),
                                  weight=ctx.config.crd_weight)}, {}
@@ -282,5 +282,5 @@ def _apply_kwargs(ctx: base.LossContext) -> dict:
           'class_index': ctx.constant('class_index')}
 
 
-base.register_head_method('crd', _head, _terms, _check, prepare=_prepare,
-                          apply_kwargs=_apply_kwargs)
+base.register_adapter_method('crd', _adapter, _terms, _check, prepare=_prepare,
+                             apply_kwargs=_apply_kwargs)

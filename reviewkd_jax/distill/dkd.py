@@ -25,4 +25,4 @@ def _check(config):
     raise ValueError(f'config.dkd_warmup_epochs must be >= 0, got {config.dkd_warmup_epochs}.')
 
 
-base.register_head_method('dkd', None, _terms, _check)
+base.register_adapter_method('dkd', None, _terms, _check)

@@ -75,7 +75,7 @@ class FitNetHead(nn.Module):
                            name='regressor')(hint, train)
 
 
-def _head(config, spec, dtype, student, teacher):
+def _adapter(config, spec, dtype, student, teacher):
   del spec
   num_maps = len(student['stages']) + 1
   if not 0 <= config.fitnet_hint_layer < num_maps:
@@ -88,8 +88,8 @@ def _head(config, spec, dtype, student, teacher):
 def _terms(ctx: base.LossContext):
   c = ctx.config
   target = base.benchmark_features(ctx.teacher_out.features)[c.fitnet_hint_layer]
-  return {'fitnet': losses.fitnet_loss(ctx.student_out.head, target,
+  return {'fitnet': losses.fitnet_loss(ctx.student_out.adapter, target,
                                        weight=c.fitnet_weight)}, {}
 
 
-base.register_head_method('fitnet', _head, _terms)
+base.register_adapter_method('fitnet', _adapter, _terms)

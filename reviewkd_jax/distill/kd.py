@@ -14,4 +14,4 @@ def _check(config):
                      '--config.kd_weight > 0 (the CRD benchmark uses 0.9 with ce_weight 0.1).')
 
 
-base.register_head_method('kd', None, lambda ctx: ({}, {}), _check)
+base.register_adapter_method('kd', None, lambda ctx: ({}, {}), _check)

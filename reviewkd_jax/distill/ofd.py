@@ -127,7 +127,7 @@ def ofd_bn_paths(model: nn.Module) -> list[str]:
       'Choose another teacher or another config.method.')
 
 
-def _head(config, spec, dtype, student, teacher):
+def _adapter(config, spec, dtype, student, teacher):
   del spec
   base.check_stage_pairs('OFD', config, student, teacher, 'preact')
   return OFDHead(tuple(f.shape[-1] for f in teacher['preact']),
@@ -135,7 +135,7 @@ def _head(config, spec, dtype, student, teacher):
 
 
 def _terms(ctx: base.LossContext):
-  return {'ofd': losses.ofd_loss(ctx.student_out.head, ctx.teacher_out.features['preact'],
+  return {'ofd': losses.ofd_loss(ctx.student_out.adapter, ctx.teacher_out.features['preact'],
                                  ctx.constant('margins'), weight=ctx.config.ofd_weight)}, {}
 
 
@@ -151,4 +151,4 @@ def _prepare(config, spec, *, teacher, teacher_variables, train_labels):
                                              ofd_bn_paths(teacher))}
 
 
-base.register_head_method('ofd', _head, _terms, _check, prepare=_prepare)
+base.register_adapter_method('ofd', _adapter, _terms, _check, prepare=_prepare)

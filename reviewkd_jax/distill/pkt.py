@@ -13,4 +13,4 @@ def _terms(ctx: base.LossContext):
                                  weight=ctx.config.pkt_weight)}, {}
 
 
-base.register_head_method('pkt', None, _terms)
+base.register_adapter_method('pkt', None, _terms)

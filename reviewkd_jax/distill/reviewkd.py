@@ -92,9 +92,9 @@ def review_features(features: dict, kind: str) -> list[jax.Array]:
 
 def level_pairs(num_levels: int, *, review: bool = True, residual: bool = True,
                 stage_pair: tuple[int, int] | None = None) -> tuple[tuple[int, int], ...]:
-  """Returns the 0-based (student level, teacher level) of each output of the ReviewKD head.
+  """Returns the 0-based (student level, teacher level) of each output of the ReviewKD adapter.
 
-  The head's k-th output is compared with teacher level `pairs[k][1]` (docs/ablations.md):
+  The adapter's k-th output is compared with teacher level `pairs[k][1]` (docs/ablations.md):
 
   - `stage_pair=(i, j)` (1-based stages, the pooled level last): `((i - 1, j - 1),)`, one
     pair through its own transform, L_SKD;
@@ -180,8 +180,8 @@ class PairTransform(nn.Module):
 
 
 class ReviewKDStudent(nn.Module):
-  """A backbone plus its ABF stack; returns `DistillOutput(logits, features, head)` with
-  `head` the fused (ABF output) levels, shallow to deep.
+  """A backbone plus its ABF stack; returns `DistillOutput(logits, features, adapter)` with
+  `adapter` the fused (ABF output) levels, shallow to deep.
 
   Attributes:
     student: the backbone (any registered model).
@@ -192,9 +192,9 @@ class ReviewKDStudent(nn.Module):
     student_features: 'stages' (after activation: the authors' CIFAR student and ImageNet
       ResNet) or 'preact' (their ImageNet MobileNet); see docs/reviewkd.md.
     review, residual, fusion, stage_pair: the ablation switches (`check_switches`,
-      docs/ablations.md); the defaults are the method. Without `residual`, the head is one
-      `PairTransform` per pair of `level_pairs` (named `pair_s{i}_t{j}`, 1-based stages)
-      and `head` lists their outputs in that order.
+      docs/ablations.md); the defaults are the method. Without `residual`, the adapter is
+      one `PairTransform` per pair of `level_pairs` (named `pair_s{i}_t{j}`, 1-based
+      stages) and `adapter` lists their outputs in that order.
   """
   student: nn.Module
   teacher_channels: Sequence[int]
@@ -226,13 +226,13 @@ class ReviewKDStudent(nn.Module):
           f' + pooled) but teacher_channels/teacher_sizes give {len(self.teacher_channels)}/'
           f'{len(self.teacher_sizes)}: pair networks with the same number of stages.')
     if not self.residual:
-      head = []
+      transformed = []
       for s, t in level_pairs(len(levels), review=self.review, residual=False,
                               stage_pair=self.stage_pair):
         transform = PairTransform(self.teacher_channels[t], dtype=self.dtype,
                                   name=f'pair_s{s + 1}_t{t + 1}')
-        head.append(transform(levels[s], out_size=self.teacher_sizes[t], train=train))
-      return base.DistillOutput(logits, feats, head)
+        transformed.append(transform(levels[s], out_size=self.teacher_sizes[t], train=train))
+      return base.DistillOutput(logits, feats, transformed)
     mid = self.mid_channels or min(512, levels[-1].shape[-1])
     fused = [None] * len(levels)
     residual = None
@@ -289,7 +289,7 @@ _DISTANCES = {'hcl': losses.hcl, 'mse': losses.feature_mse}
 
 
 def _terms(ctx: base.LossContext) -> tuple[dict, dict]:
-  """Returns lambda * warm-up * D(head, teacher levels), D = HCL (the method) or MSE, under
+  """Returns lambda * warm-up * D(adapter, teacher levels), D = HCL (the method) or MSE, under
   the distance's name."""
   config = ctx.config
   teacher_levels = review_features(ctx.teacher_out.features, config.teacher_features)
@@ -298,7 +298,7 @@ def _terms(ctx: base.LossContext) -> tuple[dict, dict]:
                       residual=switches['residual'], stage_pair=switches['stage_pair'])
   targets = [teacher_levels[t] for _, t in pairs]
   name = config.reviewkd_distance
-  distance = _DISTANCES[name](ctx.student_out.head, targets)
+  distance = _DISTANCES[name](ctx.student_out.adapter, targets)
   lam = config.reviewkd_weight * base.warmup_factor(ctx.epoch, config.reviewkd_warmup_epochs)
   return {name: lam * distance}, {name: distance, 'lambda': lam}
 

@@ -15,4 +15,4 @@ def _terms(ctx: base.LossContext):
                                  angle_weight=c.rkd_angle_weight)}, {}
 
 
-base.register_head_method('rkd', None, _terms)
+base.register_adapter_method('rkd', None, _terms)

@@ -70,7 +70,7 @@ class VIDHead(nn.Module):
     return [mu for mu, _ in out], [var for _, var in out]
 
 
-def _head(config, spec, dtype, student, teacher):
+def _adapter(config, spec, dtype, student, teacher):
   del spec
   base.check_stage_pairs('VID', config, student, teacher, 'stages')
   return VIDHead(tuple(f.shape[-1] for f in teacher['stages']),
@@ -79,9 +79,9 @@ def _head(config, spec, dtype, student, teacher):
 
 
 def _terms(ctx: base.LossContext):
-  means, variances = ctx.student_out.head
+  means, variances = ctx.student_out.adapter
   return {'vid': losses.vid_loss(means, variances, ctx.teacher_out.features['stages'],
                                  weight=ctx.config.vid_weight)}, {}
 
 
-base.register_head_method('vid', _head, _terms)
+base.register_adapter_method('vid', _adapter, _terms)

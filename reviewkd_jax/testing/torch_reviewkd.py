@@ -76,20 +76,10 @@ def hcl(fstudent, fteacher):
   return loss_all
 
 
-class DetectionABF(nn.Module):
-  """The authors' detection ABF (`Detection/model/kd_trans.py`): the residual is upsampled
-  to the level's own size and there is no output resize (FPN levels keep their sizes)."""
-
-  def __init__(self, in_channel, mid_channel, out_channel, fuse):
-    super().__init__()
-    self.conv1 = nn.Sequential(nn.Conv2d(in_channel, mid_channel, 1, bias=False),
-                               nn.BatchNorm2d(mid_channel))
-    self.conv2 = nn.Sequential(nn.Conv2d(mid_channel, out_channel, 3, 1, 1, bias=False),
-                               nn.BatchNorm2d(out_channel))
-    self.att_conv = nn.Sequential(nn.Conv2d(mid_channel * 2, 2, 1), nn.Sigmoid()) if fuse \
-        else None
-    nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-    nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+class DetectionABF(ABF):
+  """The authors' detection ABF (`Detection/model/kd_trans.py`): the classification ABF's
+  layers; the residual is upsampled to the level's own size and there is no output resize
+  (FPN levels keep their sizes)."""
 
   def forward(self, x, y=None):
     n, _, h, w = x.shape

@@ -8,7 +8,8 @@ heads' plus the method's terms. COCO box (and mask) AP over every evaluation ima
 
 Read top to bottom: `_set_up` builds the detector, the method's adapter, the data and the
 train state (resumed, or initialised from `config.weights`) without writing (a mistake is one
-`SetupError`, `run_core`); `make_train_step` is the jitted step; `_train` runs the loop.
+`SetupError`, `run_core`); `make_detector_train_step` is the jitted step; `_train` runs the
+loop.
 `max_steps=0` evaluates the loaded weights only (a teacher's AP).
 """
 from __future__ import annotations
@@ -147,16 +148,16 @@ def resolve_input_conventions(config: ml_collections.ConfigDict) -> ml_collectio
   return config
 
 
-def distill_module(config: ml_collections.ConfigDict, teacher_channels: dict
-                   ) -> nn.Module | None:
+def build_adapter(config: ml_collections.ConfigDict, teacher_channels: dict
+                  ) -> nn.Module | None:
   """Returns the method's trainable adapter (`DetectionMethod.build_adapter`), or None."""
   return methods_lib.get_detection_method(config.method).build_adapter(config,
                                                                        teacher_channels)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def detector_lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Returns Detectron2's WarmupMultiStepLR (linear warm-up) as a function of the step."""
-  base = config.learning_rate * config.batch_size / config.base_batch_size
+  base = state_lib.base_learning_rate(config)
   steps = tuple(int(s) for s in config.lr_steps)
   if list(steps) != sorted(steps):
     raise ValueError(f'config.lr_steps must be increasing, got {steps}.')
@@ -172,32 +173,31 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (PyTorch-style SGD with the frozen parameters masked out, lr schedule).
+def make_detector_optimizer(config: ml_collections.ConfigDict, params: Any
+                            ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (PyTorch's SGD, `state.pytorch_sgd`, with the frozen parameters masked out; the
+  lr schedule, `detector_lr_schedule`).
 
   `params` is {'student': the detector's, 'distill': the method's trainable module's}.
   """
-  schedule = learning_rate_schedule(config)
-  sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                    optax.sgd(schedule, momentum=config.momentum or None))
-  frozen = backbone_lib.frozen_param_mask(params['student'], config.freeze_at)
-  labels = {'student': jax.tree.map(lambda f: 'frozen' if f else 'train', frozen),
-            'distill': jax.tree.map(lambda _: 'train', params['distill'])}
-  return optax.multi_transform({'train': sgd, 'frozen': optax.set_to_zero()}, labels), schedule
+  schedule = detector_lr_schedule(config)
+  frozen = {'student': backbone_lib.frozen_param_mask(params['student'], config.freeze_at),
+            'distill': jax.tree.map(lambda _: False, params['distill'])}
+  tx = state_lib.pytorch_sgd(schedule, weight_decay=config.weight_decay,
+                             momentum=config.momentum, frozen=frozen)
+  return tx, schedule
 
 
-def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
-                    teacher: model_lib.RCNN | None = None, adapter: nn.Module | None = None,
-                    head: nn.Module | None = None):
+def make_detector_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
+                             teacher: model_lib.RCNN | None = None,
+                             adapter: nn.Module | None = None):
   """Returns the jitted step (state, batch, teacher_variables) -> (state, metrics).
 
-  The batch is split over `mesh`. With a distillation method (`config.method`), the frozen
-  teacher's features enter the method's loss terms without gradient; `state.params` is
-  {'student': ..., 'distill': the method's adapter}. `head` is the former name of `adapter`.
+  The batch is split over `mesh` (`state.jit_train_step`). With a distillation method
+  (`config.method`), the frozen teacher's features enter the method's loss terms without
+  gradient; `state.params` is {'student': ..., 'distill': the method's adapter}.
   """
   method = methods_lib.get_detection_method(config.method)
-  adapter = head if adapter is None else adapter
 
   def step(state: state_lib.TrainState, batch, teacher_variables):
     key = jax.random.fold_in(state.rng, state.step)
@@ -231,9 +231,7 @@ def make_train_step(module: model_lib.RCNN, tx, schedule, mesh, *, config,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state), metrics
 
-  rep, split = state_lib.replicated(mesh), state_lib.batch_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  return state_lib.jit_train_step(step, mesh)
 
 
 def make_predict_step(module: model_lib.RCNN, mesh):
@@ -251,8 +249,8 @@ def make_predict_step(module: model_lib.RCNN, mesh):
   return jax.jit(predict, in_shardings=(rep, split, split), out_shardings=split)
 
 
-def evaluate(predict_step, variables, pipeline: det_data.DetectionPipeline, mesh, *,
-             masks: bool) -> dict:
+def evaluate_detector(predict_step, variables, pipeline: det_data.DetectionPipeline, mesh, *,
+                      masks: bool) -> dict:
   """Returns COCO AP of `variables` over every evaluation image (on every process)."""
   split = state_lib.batch_sharded(mesh)
   evaluator = evaluation.CocoEvaluator(pipeline.ground_truth(), pipeline.category_ids,
@@ -355,7 +353,7 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   student_params = variables.pop('params')
   params = {'student': student_params, 'distill': adapter_vars.pop('params', {})}
   model_state = {'student': variables, 'distill': adapter_vars}
-  tx, schedule = make_optimizer(config, params)
+  tx, schedule = make_detector_optimizer(config, params)
   state = jax.device_put(state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
@@ -505,7 +503,7 @@ def _train(setup: _Setup, workdir: str, writer) -> RunResult:
 
   def run_eval(at_step: int) -> dict:
     variables = student_variables()
-    metrics = evaluate(predict_step, variables, pipeline, mesh, masks=config.mask)
+    metrics = evaluate_detector(predict_step, variables, pipeline, mesh, masks=config.mask)
     metrics['step'] = at_step
     evals.append(metrics)
     writer.write_scalars(at_step, {f'eval/{k}': v for k, v in metrics.items()
@@ -520,8 +518,9 @@ def _train(setup: _Setup, workdir: str, writer) -> RunResult:
     final = run_eval(0)
     return RunResult(workdir, state, 0, 0, final, [], evals)
 
-  train_step = make_train_step(setup.module, setup.tx, setup.schedule, mesh, config=config,
-                               teacher=setup.teacher, adapter=setup.adapter)
+  train_step = make_detector_train_step(setup.module, setup.tx, setup.schedule, mesh,
+                                        config=config, teacher=setup.teacher,
+                                        adapter=setup.adapter)
   num_train = getattr(pipeline.source, 'num_train', 0)
   steps_per_epoch = max(1, num_train // config.batch_size) if num_train else total
   logger = progress.MetricLogger(

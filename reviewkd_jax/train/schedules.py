@@ -1,4 +1,5 @@
-"""The learning-rate schedule and the step -> epoch map (traced: no recompilation).
+"""The classification run's learning-rate schedule and the step -> epoch map (traced: no
+recompilation). The detection run's schedule is `train.detection.detector_lr_schedule`.
 
 Loss-weight warm-ups belong to the methods: `distill.base.warmup_factor`.
 """
@@ -9,7 +10,7 @@ from typing import Sequence
 import optax
 
 
-def learning_rate_schedule(base_lr: float, *, steps_per_epoch: int,
+def classifier_lr_schedule(base_lr: float, *, steps_per_epoch: int,
                            decay_epochs: Sequence[int], decay_factor: float) -> optax.Schedule:
   """Returns step -> lr: `base_lr`, times `decay_factor` from each 0-based epoch in `decay_epochs`.
 

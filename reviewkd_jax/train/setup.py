@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from reviewkd_jax import data
 from reviewkd_jax import distill
 from reviewkd_jax.models import create_model
+from reviewkd_jax.train import schedules
 from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import step as step_lib
 from reviewkd_jax.train.run_core import check_batch_divides, check_counts
@@ -53,6 +54,18 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None
   return method
 
 
+def make_classifier_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (PyTorch's SGD, `state.pytorch_sgd`, at the lr schedule; the schedule), the lr
+  decaying at epochs (`schedules.classifier_lr_schedule`)."""
+  schedule = schedules.classifier_lr_schedule(
+      state_lib.base_learning_rate(config), steps_per_epoch=steps_per_epoch,
+      decay_epochs=config.lr_decay_epochs, decay_factor=config.lr_decay_factor)
+  tx = state_lib.pytorch_sgd(schedule, weight_decay=config.weight_decay,
+                             momentum=config.momentum, nesterov=config.nesterov)
+  return tx, schedule
+
+
 @dataclasses.dataclass
 class RunSetup:
   """The parts of one run that follow from its config, its dataset and its mesh."""
@@ -74,7 +87,7 @@ class RunSetup:
 
   def train_step(self, constants: Any = None):
     """Returns the jitted `train_step(state, batch, teacher_variables)`; see `step`."""
-    return step_lib.make_train_step(
+    return step_lib.make_classifier_train_step(
         model=self.model, teacher=self.teacher, method=self.method, config=self.config,
         tx=self.tx, lr_schedule=self.lr_schedule, steps_per_epoch=self.steps_per_epoch,
         spec=self.spec, mesh=self.mesh, constants=constants)
@@ -98,7 +111,7 @@ def build_run(config: ml_collections.ConfigDict, spec: data.DatasetSpec, *, mesh
   """
   method = check_config(config, mesh)
   model, teacher = method.build(config, spec, DTYPES[config.dtype])
-  tx, lr_schedule = state_lib.make_optimizer(config, steps_per_epoch)
+  tx, lr_schedule = make_classifier_optimizer(config, steps_per_epoch)
   return RunSetup(config=config, method=method, spec=spec, mesh=mesh,
                   steps_per_epoch=steps_per_epoch, model=model, teacher=teacher,
                   backbone=method.backbone(model), tx=tx, lr_schedule=lr_schedule)

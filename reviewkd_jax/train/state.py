@@ -1,4 +1,5 @@
-"""The train state, the optimizer and the device mesh."""
+"""The train state, PyTorch-style SGD, the jitted train step's layout and the device mesh:
+what the classification and the detection runs share."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,6 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from reviewkd_jax.train import schedules
 
 DATA_AXIS = 'data'
 
@@ -53,20 +52,31 @@ def base_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.learning_rate * config.batch_size / config.base_batch_size
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (SGD as PyTorch's, lr schedule): decay added to the gradient, then momentum.
+def pytorch_sgd(schedule: optax.Schedule, *, weight_decay: float, momentum: float,
+                nesterov: bool = False, frozen: Any = None) -> optax.GradientTransformation:
+  """Returns SGD as PyTorch's: decay added to the gradient, then momentum, at `schedule`'s lr.
 
   `torch.optim.SGD(weight_decay=wd, momentum=m, nesterov=n)` adds `wd * p` to every gradient
   before the momentum buffer; optax's `trace` matches its buffer and Nesterov update.
+  `frozen`, a tree of bools like the parameters, masks out the parameters marked True (their
+  updates are zero and they keep no momentum).
   """
-  schedule = schedules.learning_rate_schedule(
-      base_learning_rate(config), steps_per_epoch=steps_per_epoch,
-      decay_epochs=config.lr_decay_epochs, decay_factor=config.lr_decay_factor)
-  tx = optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
-  return tx, schedule
+  sgd = optax.chain(optax.add_decayed_weights(weight_decay),
+                    optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+  if frozen is None:
+    return sgd
+  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
+  return optax.multi_transform({'train': sgd, 'frozen': optax.set_to_zero()}, labels)
+
+
+def jit_train_step(train_step, mesh: Mesh, *, compiler_options: dict | None = None):
+  """Returns `train_step(state, batch, teacher_variables) -> (state, metrics)` jitted over
+  `mesh`: the batch split on 'data', the state (donated), the teacher's variables and the
+  metrics replicated."""
+  rep = replicated(mesh)
+  return jax.jit(train_step, in_shardings=(rep, batch_sharded(mesh), rep),
+                 out_shardings=(rep, rep), donate_argnums=(0,),
+                 compiler_options=compiler_options)
 
 
 def create_train_state(module: nn.Module, tx: optax.GradientTransformation, *, seed: int,

@@ -1,4 +1,5 @@
-"""The jitted train and eval steps over a mesh (batch sharded on 'data', state replicated)."""
+"""The classification run's jitted train and eval steps over a mesh (batch sharded on 'data',
+state replicated) and its evaluation."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ from reviewkd_jax import platform
 from reviewkd_jax.data import DatasetSpec, InputPipeline, to_global_arrays
 from reviewkd_jax.models import ModelOutput
 from reviewkd_jax.train import schedules
-from reviewkd_jax.train.state import TrainState, batch_sharded, replicated
+from reviewkd_jax.train.state import TrainState, batch_sharded, jit_train_step, replicated
 
 TEACHER_BN_MODES = ('eval', 'batch_stats')
 
@@ -52,11 +53,11 @@ def run_teacher(teacher: nn.Module, variables: Any, images: jax.Array,
   return jax.lax.stop_gradient(out)
 
 
-def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
-                    method: distill.Method, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                    steps_per_epoch: int, spec: DatasetSpec, mesh: Mesh,
-                    constants: Any = None):
+def make_classifier_train_step(*, model: nn.Module, teacher: nn.Module | None,
+                               method: distill.Method, config: ml_collections.ConfigDict,
+                               tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                               steps_per_epoch: int, spec: DatasetSpec, mesh: Mesh,
+                               constants: Any = None):
   """Returns `train_step(state, batch, teacher_variables) -> (state, metrics)`, jitted.
 
   Loss: `ce_weight * CE + sum(method terms)`, all in float32. Epoch-dependent values
@@ -107,10 +108,8 @@ def make_train_step(*, model: nn.Module, teacher: nn.Module | None,
                               model_state=new_model_state, opt_state=opt_state)
     return new_state, metrics
 
-  rep = replicated(mesh)
-  return jax.jit(train_step, in_shardings=(rep, batch_sharded(mesh), rep),
-                 out_shardings=(rep, rep), donate_argnums=(0,),
-                 compiler_options=platform.step_compiler_options(mesh.devices.flat))
+  return jit_train_step(train_step, mesh,
+                        compiler_options=platform.step_compiler_options(mesh.devices.flat))
 
 
 def make_eval_step(module: nn.Module, spec: DatasetSpec, mesh: Mesh):
@@ -133,8 +132,8 @@ def make_eval_step(module: nn.Module, spec: DatasetSpec, mesh: Mesh):
   return jax.jit(eval_step, in_shardings=(rep, batch_sharded(mesh)), out_shardings=rep)
 
 
-def evaluate(eval_step, variables: Any, pipeline: InputPipeline, mesh: Mesh, *,
-             prefetch: int = 2) -> dict[str, float]:
+def evaluate_classifier(eval_step, variables: Any, pipeline: InputPipeline, mesh: Mesh, *,
+                        prefetch: int = 2) -> dict[str, float]:
   """Returns top-1/top-5 (%) and mean loss over the whole eval split, each example once."""
   totals = None
   for batch in to_global_arrays(pipeline.eval_batches(), batch_sharded(mesh),

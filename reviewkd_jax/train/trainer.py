@@ -59,7 +59,7 @@ class _LoopRecord:
 @dataclasses.dataclass
 class _Setup:
   """Everything `train_and_evaluate` prepares before it writes anything."""
-  run: setup_lib.RunSetup
+  parts: setup_lib.RunSetup      # the run's method, modules, optimizer and jitted steps
   pipeline: data.InputPipeline
   state: state_lib.TrainState
   resumed: bool
@@ -99,35 +99,35 @@ def _set_up(config, workdir: str, devices) -> _Setup:
         'configs/cifar100_baseline.py:model=resnet56).')
   # This run's training-set size (train_subset, mock data), e.g. for CRD's memory bank.
   spec = dataclasses.replace(data.get_spec(config.dataset), num_train=pipeline.num_train)
-  run = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=pipeline.steps_per_epoch)
+  parts = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=pipeline.steps_per_epoch)
   run_meta = {'dataset': config.dataset, 'train_subset': config.train_subset,
               'model': config.model, 'method': config.method,
               'teacher': config.teacher, 'batch_size': config.batch_size,
-              'steps_per_epoch': run.steps_per_epoch, 'seed': config.seed,
+              'steps_per_epoch': parts.steps_per_epoch, 'seed': config.seed,
               'num_classes': spec.num_classes,
-              **{k: config[k] for k in run.method.run_fields},
+              **{k: config[k] for k in parts.method.run_fields},
               SETTINGS: trained_settings(config, RESUMABLE_FIELDS)}
   # The workdir: another experiment's is refused before any array is read.
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
-    state = run.init_state()
+    state = parts.init_state()
     resumed = ckpts.restore_newest_usable(
-        state, check_meta=lambda meta: _check_same_run(meta, run_meta, run.method.run_fields,
-                                                       workdir))
+        state, check_meta=lambda meta: _check_same_run(
+            meta, run_meta, parts.method.run_fields, workdir))
     # The frozen teacher, then the method's per-run constants (a method that cannot run on
     # this data, CRD without dataset indices, stops here).
     teacher_variables, teacher_source = None, None
-    if run.teacher is not None:
+    if parts.teacher is not None:
       teacher_variables, teacher_source = teacher_lib.load_teacher(
-          config.teacher_weights, run.teacher, name=config.teacher, dataset=config.dataset,
+          config.teacher_weights, parts.teacher, name=config.teacher, dataset=config.dataset,
           image_shape=spec.image_shape, mesh=mesh)
-    constants = run.method.prepare(config, spec, teacher=run.teacher,
-                                   teacher_variables=teacher_variables,
-                                   train_labels=pipeline.source.train_labels)
+    constants = parts.method.prepare(config, spec, teacher=parts.teacher,
+                                     teacher_variables=teacher_variables,
+                                     train_labels=pipeline.source.train_labels)
   except BaseException:
     ckpts.close()
     raise
-  return _Setup(run=run, pipeline=pipeline,
+  return _Setup(parts=parts, pipeline=pipeline,
                 state=state if resumed is None else resumed[0], resumed=resumed is not None,
                 ckpts=ckpts, run_meta=run_meta, teacher_variables=teacher_variables,
                 teacher_source=teacher_source, constants=constants)
@@ -148,10 +148,10 @@ def _check_same_run(meta: dict, run_meta: dict, run_fields: dict, workdir: str) 
 
 
 def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> RunResult:
-  run, pipeline, ckpts, run_meta = setup.run, setup.pipeline, setup.ckpts, setup.run_meta
+  parts, pipeline, ckpts, run_meta = setup.parts, setup.pipeline, setup.ckpts, setup.run_meta
   state, teacher_variables = setup.state, setup.teacher_variables
-  config, spec, mesh = run.config, run.spec, run.mesh
-  steps_per_epoch = run.steps_per_epoch
+  config, spec, mesh = parts.config, parts.spec, parts.mesh
+  steps_per_epoch = parts.steps_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
   logging.info('%s on %s: %d train / %d eval examples, %d steps per epoch of %d, %d epochs, '
                '%d devices (%d processes), dtype %s.', config.model, config.dataset,
@@ -171,12 +171,12 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
                  '"final" is the unbiased number.', spec.eval_split, spec.name)
 
   teacher_eval = None
-  if run.teacher is not None and config.eval_teacher:
-    teacher_eval = _evaluate_teacher(run, teacher_variables, setup.teacher_source, pipeline,
+  if parts.teacher is not None and config.eval_teacher:
+    teacher_eval = _evaluate_teacher(parts, teacher_variables, setup.teacher_source, pipeline,
                                      writer, step)
 
-  train_step = run.train_step(setup.constants)
-  eval_step = run.eval_step()
+  train_step = parts.train_step(setup.constants)
+  eval_step = parts.eval_step()
   logger = progress.MetricLogger(
       writer, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       global_batch=config.batch_size, nonfinite_hint=lambda: last_good_hint(ckpts))
@@ -212,7 +212,7 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
       if step % steps_per_epoch == 0:
         epochs_done = step // steps_per_epoch
         if epochs_done % config.eval_every_epochs == 0 or step == total_steps:
-          _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer,
+          _evaluate_and_keep_best(parts, eval_step, state, step, pipeline, ckpts, writer,
                                   logger, record, run_meta)
         if epochs_done % config.checkpoint_every_epochs == 0 or step == total_steps:
           _save(ckpts, logger, record, state, step, run_meta)
@@ -221,8 +221,8 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
   # The final model, once the last epoch is done.
   final = None
   if step == total_steps:
-    final = _final_model(run, eval_step, state, step, pipeline, ckpts, writer, logger, record,
-                         run_meta)
+    final = _final_model(parts, eval_step, state, step, pipeline, ckpts, writer, logger,
+                         record, run_meta)
     logging.info('Done: final top-1 %.2f%% (%s/final), best %.2f%% at epoch %d (%s/best, '
                  'chosen on %r).', final['top1'], workdir, record.best['top1'],
                  record.best['epoch'], workdir, spec.eval_split)
@@ -233,14 +233,14 @@ def _train(setup: _Setup, workdir: str, writer: metric_writers.MetricWriter) -> 
                    best=record.best, teacher=teacher_eval)
 
 
-def _evaluate_teacher(run, teacher_variables, source, pipeline, writer, step) -> dict:
+def _evaluate_teacher(parts, teacher_variables, source, pipeline, writer, step) -> dict:
   """Returns the frozen teacher's eval metrics (BN in eval mode), logged and written."""
-  config = run.config
-  metrics = step_lib.evaluate(run.eval_step(run.teacher), teacher_variables, pipeline,
-                              run.mesh, prefetch=config.prefetch_batches)
+  config = parts.config
+  metrics = step_lib.evaluate_classifier(parts.eval_step(parts.teacher), teacher_variables,
+                                         pipeline, parts.mesh, prefetch=config.prefetch_batches)
   logging.info('Teacher %s from %s: top-1 %.2f%%, top-5 %.2f%% on %s %r (%d images, BN in '
                'eval mode).', config.teacher, source, metrics['top1'], metrics['top5'],
-               config.dataset, run.spec.eval_split, metrics['count'])
+               config.dataset, parts.spec.eval_split, metrics['count'])
   writer.write_scalars(step, {'teacher/top1': metrics['top1'],
                               'teacher/top5': metrics['top5']})
   return metrics
@@ -256,19 +256,19 @@ def _save(ckpts, logger, record: _LoopRecord, state, step: int, run_meta: dict) 
     record.saved_step = step
 
 
-def _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer, logger,
+def _evaluate_and_keep_best(parts, eval_step, state, step, pipeline, ckpts, writer, logger,
                             record: _LoopRecord, run_meta: dict) -> None:
   """Evaluates the backbone; exports it as `best` if its top-1 is the highest so far."""
-  config, spec = run.config, run.spec
-  epoch = step // run.steps_per_epoch
+  config, spec = parts.config, parts.spec
+  epoch = step // parts.steps_per_epoch
   with logger.paused('eval'):
-    metrics = step_lib.evaluate(eval_step, run.backbone_variables(state), pipeline, run.mesh,
-                                prefetch=config.prefetch_batches)
+    metrics = step_lib.evaluate_classifier(eval_step, parts.backbone_variables(state), pipeline,
+                                           parts.mesh, prefetch=config.prefetch_batches)
     record.last_eval = {**metrics, 'epoch': epoch, 'step': step}
     record.evals.append(record.last_eval)
     if record.best is None or metrics['top1'] > record.best['top1']:
       record.best = {'top1': metrics['top1'], 'top5': metrics['top5'], 'epoch': epoch}
-      ckpts.save_model(checkpoint_lib.BEST, step, run.backbone_variables(state), {
+      ckpts.save_model(checkpoint_lib.BEST, step, parts.backbone_variables(state), {
           **run_meta, 'step': step, 'epoch': epoch, 'eval_top1': metrics['top1'],
           'eval_top5': metrics['top5'], 'eval_split': spec.eval_split,
           'chosen_on': f'highest top-1 on the eval split {spec.eval_split!r} of '
@@ -281,7 +281,7 @@ def _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer
                record.best['epoch'])
 
 
-def _final_model(run, eval_step, state, step, pipeline, ckpts, writer, logger,
+def _final_model(parts, eval_step, state, step, pipeline, ckpts, writer, logger,
                  record: _LoopRecord, run_meta: dict) -> dict:
   """Returns the final model's eval metrics, exporting it as `final` unless a rerun of a
   finished run finds it on disk already."""
@@ -290,10 +290,10 @@ def _final_model(run, eval_step, state, step, pipeline, ckpts, writer, logger,
     return {'top1': final_meta['eval_top1'], 'top5': final_meta['eval_top5'],
             'epoch': final_meta['epoch']}
   if record.last_eval is None or record.last_eval['step'] != step:
-    _evaluate_and_keep_best(run, eval_step, state, step, pipeline, ckpts, writer, logger,
+    _evaluate_and_keep_best(parts, eval_step, state, step, pipeline, ckpts, writer, logger,
                             record, run_meta)
   final = record.last_eval
-  ckpts.save_model(checkpoint_lib.FINAL, step, run.backbone_variables(state), {
-      **run_meta, 'step': step, 'epoch': run.config.num_epochs, 'eval_top1': final['top1'],
-      'eval_top5': final['top5'], 'eval_split': run.spec.eval_split})
+  ckpts.save_model(checkpoint_lib.FINAL, step, parts.backbone_variables(state), {
+      **run_meta, 'step': step, 'epoch': parts.config.num_epochs, 'eval_top1': final['top1'],
+      'eval_top5': final['top5'], 'eval_split': parts.spec.eval_split})
   return final
