@@ -18,8 +18,8 @@ def main():
         '| FLOPs per chip per step | FLOP-bound step (images/s) | collectives per step '
         '| compile |')
   print('|---|---|---|---|---|---|---|---|---|')
-  for path in sorted(HERE.glob('*.json')):
-    r = json.loads(path.read_text())
+  reports = [json.loads(path.read_text()) for path in HERE.glob('*.json')]
+  for r in sorted(reports, key=lambda r: (r['config'], r['chips'], r['global_batch'])):
     coll = ', '.join(f'{k} x{c["count"]} ({size(c["bytes"])})'
                      for k, c in sorted(r['collectives'].items()))
     m = r['memory']
