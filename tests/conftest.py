@@ -69,3 +69,50 @@ _LONGEST_FIRST = (
 def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+# ---- Where a test's time goes: REVIEWKD_TEST_COMPILE_LOG=FILE ------------------------------
+# Appends one JSON line per test phase (setup/call/teardown) with its wall time, the seconds
+# XLA spent compiling in this process (`backend_compile`, programs not found in the cache),
+# the number of such compiles, and the trace/lowering seconds. Programs compiled by a test's
+# `main.py` subprocesses are not counted (their time is in the wall time only).
+_COMPILE_LOG = os.environ.get('REVIEWKD_TEST_COMPILE_LOG')
+_compile_totals = {}
+
+
+def _on_duration(event, duration, **kwargs):  # pylint: disable=unused-argument
+  if event.startswith('/jax/core/compile/'):
+    key = event.rsplit('/', 1)[-1]
+    _compile_totals[key] = _compile_totals.get(key, 0.0) + duration
+    if key == 'backend_compile_duration':
+      _compile_totals['compiles'] = _compile_totals.get('compiles', 0) + 1
+
+
+if _COMPILE_LOG:
+  import json  # noqa: E402  pylint: disable=g-import-not-at-top
+  import time  # noqa: E402  pylint: disable=g-import-not-at-top
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
+    import jax  # pylint: disable=g-import-not-at-top
+    if not getattr(pytest_runtest_protocol, 'registered', False):
+      jax.monitoring.register_event_duration_secs_listener(_on_duration)
+      pytest_runtest_protocol.registered = True
+    yield
+
+  def _log_phase(item, phase):
+    start = time.perf_counter()
+    _compile_totals.clear()
+    outcome = yield
+    del outcome
+    record = {'test': item.nodeid, 'phase': phase, 'wall': time.perf_counter() - start,
+              'pid': os.getpid(), **_compile_totals}
+    with open(_COMPILE_LOG, 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record) + '\n')
+
+  pytest_runtest_setup = pytest.hookimpl(hookwrapper=True)(
+      lambda item: (yield from _log_phase(item, 'setup')))
+  pytest_runtest_call = pytest.hookimpl(hookwrapper=True)(
+      lambda item: (yield from _log_phase(item, 'call')))
+  pytest_runtest_teardown = pytest.hookimpl(hookwrapper=True)(
+      lambda item, nextitem: (yield from _log_phase(item, 'teardown')))

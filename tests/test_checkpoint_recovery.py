@@ -142,3 +142,39 @@ def test_workdir_of_another_experiment_is_refused_before_anything_is_written(tmp
   assert "model: 'resnet8' in the checkpoint, 'resnet14' in the config" in str(e.value)
   assert len(str(e.value).splitlines()) == 1
   assert snapshot(tmp_path) == before
+
+
+def test_saving_replicated_arrays_compiles_no_slicing_programs(tmp_path):
+  """On 8 devices a replicated state is written by one replica when the 1/8 slice each would
+  write is small (orbax would first compile a slicing program per shape and device), and
+  split over the replicas above `MIN_REPLICA_SLICE_BYTES`; both restore exactly."""
+  devices = np.asarray(jax.devices()[:8])
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ('data',)),
+                                          jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  big_rows = 8 * checkpoint_lib.MIN_REPLICA_SLICE_BYTES // (4 * 256)  # 1/8 of it: the limit
+  state = {'small': {f'w{i}': rng.standard_normal((i + 1, 16)).astype(np.float32)
+                     for i in range(5)},
+           'big': rng.standard_normal((big_rows, 256)).astype(np.float32)}
+  state = jax.device_put(state, replicated)
+  compiled = []
+
+  def on_event(event, duration, **kwargs):  # pylint: disable=unused-argument
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(duration)
+
+  ckpts = checkpoint_lib.RunCheckpoints(str(tmp_path / 'run'), keep=1)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    ckpts.save(1, {'small': state['small']}, {'step': 1})
+    small_compiles = len(compiled)
+    ckpts.save(2, state, {'step': 2})
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  ckpts.close()
+  assert small_compiles == 0
+  assert len(compiled) > 0   # the big array is still split: sliced on its 8 devices
+  ckpts = checkpoint_lib.RunCheckpoints(str(tmp_path / 'run'), keep=1)
+  restored, _ = ckpts.restore_newest_usable(state, lambda meta: None)
+  ckpts.close()
+  jax.tree.map(np.testing.assert_array_equal, restored, state)

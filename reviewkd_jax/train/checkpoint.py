@@ -134,6 +134,36 @@ def _first_line(error: Exception) -> str:
   return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
 
 
+# Orbax's replica-parallel saving (its default off GPU) has each of an array's R replicas
+# write 1/R of it, and slices the array on every device first: one small XLA program per
+# array shape and device, compiled at a process's first save. For the small arrays of most
+# models (a few KiB to a few MiB) those compiles cost more than the parallel writes save (on
+# 8 devices, hundreds of programs), so an array whose slice would be under this size is
+# written whole by one replica; larger arrays are still split over their replicas.
+MIN_REPLICA_SLICE_BYTES = 4 << 20
+
+
+def _arrays_handler() -> ocp.StandardCheckpointHandler:
+  """orbax's StandardCheckpointHandler (same format, same arguments), with jax.Arrays split
+  over their replicas only above `MIN_REPLICA_SLICE_BYTES` per replica.
+
+  The handler's inner PyTreeCheckpointHandler is replaced by one built as the handler builds
+  it but with its own type registry (orbax's StandardCheckpointHandler takes no registry; a
+  subclass would not match orbax's StandardSave/StandardRestore arguments).
+  """
+  handler = ocp.StandardCheckpointHandler()
+  types = ocp.type_handlers
+  registry = types.create_type_handler_registry(
+      (int, types.ScalarHandler()), (float, types.ScalarHandler()),
+      (bytes, types.ScalarHandler()), (np.number, types.ScalarHandler()),
+      (np.ndarray, types.NumpyHandler()), (str, types.StringHandler()),
+      (jax.Array, types.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)))
+  handler._impl = ocp.PyTreeCheckpointHandler(  # pylint: disable=protected-access
+      save_concurrent_gb=96, restore_concurrent_gb=96, type_handler_registry=registry)
+  return handler
+
+
 def _manager(directory: epath.Path, arrays: str, keep: int | None) -> ocp.CheckpointManager:
   """Returns a manager of two items: a pytree of arrays named `arrays`, and JSON `meta`.
 
@@ -144,7 +174,7 @@ def _manager(directory: epath.Path, arrays: str, keep: int | None) -> ocp.Checkp
       enable_async_checkpointing=False, create=False)
   return ocp.CheckpointManager(
       directory, options=options,
-      item_handlers={arrays: ocp.StandardCheckpointHandler(),
+      item_handlers={arrays: _arrays_handler(),
                      'meta': ocp.JsonCheckpointHandler()})
 
 
