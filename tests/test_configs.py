@@ -120,8 +120,9 @@ def test_config_builds_its_networks(name, config):
   spec = data.get_spec(config.dataset)
   model, teacher = method.build(config, spec, jnp.float32)
   x = jnp.zeros((1, *spec.image_shape), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
-  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  # One trace builds the variables and runs the forward (init_with_output): shapes only.
+  out, _ = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.PRNGKey(0), x, train=False))
   assert out[0].shape == (1, spec.num_classes), name
   assert (teacher is not None) == (config.method != 'none')
   if not name.startswith('demo'):  # the paper's configs run on 8-device hosts as they are
