@@ -122,6 +122,7 @@ def _flat(tree):
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@pytest.mark.slow  # three train steps per method, compiled for 1 and for 8 devices
 @pytest.mark.parametrize('method', COMPARISON_METHODS)
 def test_method_trains_the_same_on_1_and_8_devices(method, mock_data, teacher_variables):
   assert jax.device_count() == 8
