@@ -21,6 +21,10 @@ from reviewkd_jax.detection import weights as weights_lib  # noqa: E402
 from reviewkd_jax.testing import torch_detection  # noqa: E402
 from tests.helpers import draw_variables  # noqa: E402
 
+# The whole R50-FPN detector, forward and training, in both frameworks: end to end, hence
+# `slow` (the parts are checked against torchvision one by one in the quick subset).
+pytestmark = pytest.mark.slow
+
 K = 4  # foreground classes (torchvision's num_classes=5 counts the background)
 
 
