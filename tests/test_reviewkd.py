@@ -151,8 +151,8 @@ def test_gradients_reach_student_and_abfs_never_teacher():
   teacher = FlaxTiny(width=(7, 9))
   # The teacher's review levels must match the ABF outputs: give it matching sizes.
   student = student.clone(teacher_channels=(7, 9, 9), teacher_sizes=(8, 4, 1))
-  s_vars = student.init(jax.random.key(1), x, train=False)
-  t_vars = teacher.init(jax.random.key(2), x, train=False)
+  s_vars = jax.jit(student.init, static_argnames='train')(jax.random.key(1), x, train=False)
+  t_vars = jax.jit(teacher.init, static_argnames='train')(jax.random.key(2), x, train=False)
   labels = jnp.arange(4) % 5
 
   def loss_fn(s_params, t_params):
@@ -162,7 +162,7 @@ def test_gradients_reach_student_and_abfs_never_teacher():
     t_levels = jax.lax.stop_gradient(reviewkd.review_features(t_feats, 'preact'))
     return losses.cross_entropy(logits, labels) + 0.6 * losses.hcl(fused, t_levels)
 
-  g_s, g_t = jax.grad(loss_fn, argnums=(0, 1))(s_vars['params'], t_vars['params'])
+  g_s, g_t = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(s_vars['params'], t_vars['params'])
   for path, g in jax.tree_util.tree_leaves_with_path(g_s):
     assert float(jnp.abs(g).max()) > 0, f'no gradient reaches {jax.tree_util.keystr(path)}'
   assert set(g_s) == {'student', 'abfs_0', 'abfs_1', 'abfs_2'}
