@@ -184,7 +184,7 @@ def test_teacher_roi_logits_run_the_teachers_heads_on_given_rois():
     return distill.roi_kd_loss(jnp.zeros((2, 12, 4)),
                                distill.teacher_roi_logits(model.RCNN(config), v, f, rois),
                                jnp.ones((2, 12), bool))
-  g_v, g_f = jax.grad(kd, argnums=(0, 1))(variables, feats)
+  g_v, g_f = jax.jit(jax.grad(kd, argnums=(0, 1)))(variables, feats)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree_util.tree_leaves((g_v, g_f)))
   logits, deltas = distill.roi_predictions(model.RCNN(config), variables, feats, rois)
   assert torch_utils.max_abs_diff(logits, expected) < 1e-5 and deltas.shape == (2, 12, 12)
@@ -221,7 +221,7 @@ def test_fitnet_adapter_and_loss_match_convreg_and_mse():
     a, _ = adapter.apply({**variables, 'params': p}, x, train=True, mutable=['batch_stats'])
     return distill.fitnet_loss(a, y)
 
-  g_p, g_s, g_t = jax.grad(loss_fn, argnums=(0, 1, 2))(variables['params'], s, t)
+  g_p, g_s, g_t = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2)))(variables['params'], s, t)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves((g_p, g_s)))
   assert float(jnp.abs(g_t).max()) == 0
   with pytest.raises(ValueError, match='differ'):
