@@ -339,12 +339,13 @@ class DetectionPipeline:
         tf.data.AUTOTUNE))
 
   def _options(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Returns `ds` without tf.data's autotuning thread for a source held in memory.
+    """Returns `ds` with tf.data's autotuning off for a source held in memory.
 
-    That thread re-tunes the pipeline at growing intervals (up to a minute), and deleting an
-    iterator (the training one when a run ends, an evaluation one when it is exhausted)
-    waited for it: 20-45 s at the end of some digit-scenes runs (seen in a suite's log). The
-    parallel maps then run at tf.data's default parallelism; the batches are the same.
+    With it on, deleting a digit-scenes iterator (the training one when a run ends, an
+    evaluation one when it is exhausted) sometimes waited 20-45 s for one of tf.data's
+    threads (in `UnboundedThreadPool::LogicalThreadWrapper`'s destructor; the autotuning
+    thread wakes at growing intervals of up to a minute); with it off, no such wait was seen.
+    The parallel maps then run at tf.data's default parallelism; the batches are the same.
     """
     if not getattr(self.source, 'in_memory', False):
       return ds
