@@ -96,3 +96,12 @@ def test_a_suite_keeps_its_compiled_programs_in_the_workdir_while_it_trains(tmp_
   finally:
     compilation_cache.set_cache_dir(users)
     compilation_cache.reset_cache()
+
+
+def test_demo_students_of_every_seed_compile_the_same_programs():
+  config = demo_digit_scenes.get_config()
+  assert config.compilation_cache
+  for group in ('student', 'reviewkd'):
+    first, *others = [config.runs[n].to_dict() for n in config.run_order if n.startswith(group)]
+    for other in others:
+      assert {k for k in first if first[k] != other[k]} == {'seed'}
