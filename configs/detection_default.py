@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.roi_batch_size_per_image = 512
   config.roi_sampling_ratio = 2        # RoIAlign samples per bin side; 0: Detectron2's adaptive
   config.roi_max_sampling_ratio = 4    # the adaptive count's static cap (docs/detection.md)
+  config.detections_per_image = 100    # kept per image at test time (mask head on each)
   config.weights = ''                  # initial weights: a Detectron2 .pkl, a torchvision
                                        # detection or ImageNet .pth; '' = random
   config.weights_source = 'auto'       # 'auto' | 'detectron2' | 'torchvision' | 'imagenet'

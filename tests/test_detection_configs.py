@@ -70,3 +70,38 @@ def test_missing_teacher_or_data_stops_with_what_to_prepare(tmp_path):
   with pytest.raises(SetupError, match='not a detection method'):
     train_detector(config, str(tmp_path / 'c'), devices=ONE_DEVICE)
   assert not any(tmp_path.iterdir())
+
+
+
+
+def test_a_suite_keeps_its_compiled_programs_in_the_workdir_while_it_trains(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.train import suite as suite_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'compilation_cache': True})
+  cache = suite_lib._compilation_cache  # pylint: disable=protected-access
+  users = jax.config.jax_compilation_cache_dir  # the tests' own (conftest.py)
+  assert users
+  with cache(config, str(tmp_path)):  # a directory the user set is kept
+    assert jax.config.jax_compilation_cache_dir == users
+  try:
+    compilation_cache.set_cache_dir(None)
+    with cache(config, str(tmp_path)):
+      assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'compilation_cache')
+    assert jax.config.jax_compilation_cache_dir is None
+    config.compilation_cache = False
+    with cache(config, str(tmp_path)):
+      assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    compilation_cache.set_cache_dir(users)
+    compilation_cache.reset_cache()
+
+
+def test_demo_students_of_every_seed_compile_the_same_programs():
+  config = demo_digit_scenes.get_config()
+  assert config.compilation_cache
+  for group in ('student', 'reviewkd'):
+    first, *others = [config.runs[n].to_dict() for n in config.run_order if n.startswith(group)]
+    for other in others:
+      assert {k for k in first if first[k] != other[k]} == {'seed'}

@@ -7,6 +7,7 @@ lengths); tfds's own split arithmetic resolves the per-process shares. Nothing i
 import dataclasses
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -390,6 +391,93 @@ def test_paste_mask_is_detectron2s():
                                           align_corners=False)[0, 0].numpy() >= 0.5
     differ += int((evaluation.paste_mask(mask, box, height, width) != ref).sum())
   assert differ <= 2  # float rounding at the threshold
+
+
+def _paste_one_box(mask, box, height, width, threshold=0.5):
+  """The one-box paste the evaluation ran before `paste_masks` (kept here as the reference):
+  Detectron2's CPU rule over the box's integer hull and one pixel beyond, in float32."""
+  m_h, m_w = mask.shape
+  x1, y1, x2, y2 = (float(v) for v in box)
+  out = np.zeros((height, width), np.uint8)
+  c0, c1 = max(math.floor(x1) - 1, 0), min(math.ceil(x2) + 1, width)
+  r0, r1 = max(math.floor(y1) - 1, 0), min(math.ceil(y2) + 1, height)
+  if c1 <= c0 or r1 <= r0 or x2 <= x1 or y2 <= y1:
+    return out
+  u = ((np.arange(c0, c1, dtype=np.float32) + 0.5 - x1) / (x2 - x1)) * m_w - 0.5
+  v = ((np.arange(r0, r1, dtype=np.float32) + 0.5 - y1) / (y2 - y1)) * m_h - 0.5
+  padded = np.pad(mask.astype(np.float32), 1)
+
+  def taps(coord, size):
+    low = np.floor(coord)
+    frac = (coord - low).astype(np.float32)
+    low = low.astype(np.int64)
+    return np.clip(low + 1, 0, size + 1), np.clip(low + 2, 0, size + 1), frac
+
+  x0i, x1i, fx = taps(u, m_w)
+  y0i, y1i, fy = taps(v, m_h)
+  top = padded[y0i][:, x0i] * (1 - fx) + padded[y0i][:, x1i] * fx
+  bottom = padded[y1i][:, x0i] * (1 - fx) + padded[y1i][:, x1i] * fx
+  values = top * (1 - fy)[:, None] + bottom * fy[:, None]
+  out[r0:r1, c0:c1] = values >= threshold
+  return out
+
+
+@pytest.mark.parametrize('max_elements', [1, 700, 1 << 22])  # one box a group, some, all
+def test_paste_masks_all_at_once_equal_the_one_box_rule_bit_for_bit(max_elements):
+  rng = np.random.default_rng(1)
+  differ = 0
+  for trial in range(40):
+    height, width, n = int(rng.integers(5, 90)), int(rng.integers(5, 90)), int(rng.integers(0, 25))
+    masks = rng.uniform(0, 1, (n, 28, 28)).astype(np.float32)
+    if trial % 3 == 0:  # two levels: many interpolated values land exactly on 0.5
+      masks = np.where(masks > 0.5, 0.75, 0.25).astype(np.float32)
+    sides = rng.choice([0.3, 2.0, 20.0, 110.0], (n, 2)) * rng.uniform(0.5, 1.5, (n, 2))
+    corner = rng.uniform(-25, 90, (n, 2))
+    boxes = np.concatenate([corner, corner + sides], 1)   # beyond the borders, tiny, large
+    if n and trial % 4 == 0:
+      boxes[0, 2] = boxes[0, 0]                           # an empty box pastes nothing
+      boxes[1:, :2] = np.round(boxes[1:, :2])              # integer corners
+    if trial % 2:
+      boxes = boxes.astype(np.float32)                    # as the evaluation passes them
+    got = evaluation.paste_masks(masks, boxes, height, width, max_elements=max_elements)
+    assert got.shape == (n, height, width) and got.dtype == np.uint8
+    for j in range(n):
+      differ += int((got[j] != _paste_one_box(masks[j], boxes[j], height, width)).sum())
+  assert differ == 0
+  one = evaluation.paste_mask(masks[-1], boxes[-1], height, width)
+  np.testing.assert_array_equal(one, _paste_one_box(masks[-1], boxes[-1], height, width))
+
+
+def test_detections_to_coco_pastes_and_encodes_every_detection_as_one_at_a_time():
+  rng = np.random.default_rng(2)
+  b, d = 5, 30
+  boxes = rng.uniform(-5, 90, (b, d, 4)).astype(np.float32)
+  boxes[..., 2:] = boxes[..., :2] + rng.uniform(-3, 40, (b, d, 2)).astype(np.float32)
+  detections = {'boxes': boxes, 'scores': rng.uniform(0, 1, (b, d)).astype(np.float32),
+                'classes': rng.integers(0, 3, (b, d)).astype(np.int32),
+                'valid': rng.uniform(0, 1, (b, d)) > 0.3,
+                'masks': rng.uniform(0, 1, (b, d, 28, 28)).astype(np.float32)}
+  batch = {'image_id': np.arange(1, b + 1), 'valid': np.array([1, 1, 0, 1, 1], bool),
+           'image_size': np.array([[96, 96], [96, 96], [96, 96], [80, 100], [80, 100]]),
+           'orig_size': np.array([[96, 96], [96, 96], [96, 96], [40, 50], [160, 200]])}
+  ids, results = evaluation.detections_to_coco(batch, detections, (7, 8, 9))
+  assert ids == [1, 2, 4, 5]
+  want = []
+  for i in (0, 1, 3, 4):
+    h, w = batch['orig_size'][i]
+    rh, rw = batch['image_size'][i]
+    for j in np.flatnonzero(detections['valid'][i]):
+      box = detections['boxes'][i, j] * np.array([w / rw, h / rh, w / rw, h / rh], np.float32)
+      box = np.clip(box, 0, np.array([w, h, w, h], np.float32))
+      x1, y1, x2, y2 = (float(v) for v in box)
+      if x2 <= x1 or y2 <= y1:
+        continue
+      want.append({'image_id': i + 1, 'category_id': 7 + int(detections['classes'][i, j]),
+                   'bbox': [x1, y1, x2 - x1, y2 - y1],
+                   'score': float(detections['scores'][i, j]),
+                   'segmentation': evaluation.encode_mask(
+                       _paste_one_box(detections['masks'][i, j], box, h, w))})
+  assert len(want) > 40 and results == want
 
 
 def test_processes_gather_to_one_evaluation_and_each_image_counts_once():

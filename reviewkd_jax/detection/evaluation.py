@@ -117,41 +117,117 @@ def coco_from_arrays(image_ids: np.ndarray, orig_sizes: np.ndarray, boxes: np.nd
   return build_coco({'images': images, 'annotations': annotations, 'categories': categories})
 
 
+def _crop_bounds(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Returns the [start, stop) pixels pasted for boxes spanning [lo, hi] on an axis of `size`:
+  one pixel beyond the box's integer hull on each side, inside the image (Detectron2's CPU
+  `paste_masks_in_image`, `skip_empty=True`)."""
+  start = np.maximum(np.floor(lo).astype(np.int64) - 1, 0)
+  stop = np.minimum(np.ceil(hi).astype(np.int64) + 1, size)
+  return start, stop
+
+
+def _taps(coord: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Returns the two bilinear taps' indices into the zero-padded mask and the weight of the
+  second, for sample coordinates `coord` over a mask axis of `size` (taps outside read 0)."""
+  low = np.floor(coord)
+  frac = (coord - low).astype(np.float32)
+  low = low.astype(np.int64)
+  return np.clip(low + 1, 0, size + 1), np.clip(low + 2, 0, size + 1), frac
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
+                threshold: float = 0.5, *, max_elements: int = 1 << 22) -> np.ndarray:
+  """Returns the (N, height, width) uint8 masks of N (M, M) RoI mask probabilities pasted in
+  their (N, 4) x1y1x2y2 boxes (image pixels), all at once.
+
+  Detectron2's `paste_masks_in_image` as it runs on the CPU: the pixel centre (x + 0.5)
+  samples the RoI mask at u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5 bilinearly, taps outside
+  the mask reading 0 (`grid_sample`, `align_corners=False`, zero padding), over the box's
+  integer hull and one pixel beyond it (0 elsewhere), then `>= threshold`. An empty box
+  (x2 <= x1 or y2 <= y1) pastes nothing. The float32 arithmetic is `paste_mask`'s, operation
+  for operation, so the two agree bit for bit; here the boxes are processed together, in
+  groups of similar extent whose windows hold at most about `max_elements` values.
+  """
+  masks = np.asarray(masks, np.float32)
+  exact = np.asarray(boxes, np.float64).reshape(-1, 4)   # the box as given decides the crop
+  n = exact.shape[0]
+  out = np.zeros((n, height, width), np.uint8)
+  if n == 0:
+    return out
+  m_h, m_w = masks.shape[-2:]
+  c0, c1 = _crop_bounds(exact[:, 0], exact[:, 2], width)
+  r0, r1 = _crop_bounds(exact[:, 1], exact[:, 3], height)
+  live = np.flatnonzero((c1 > c0) & (r1 > r0) & (exact[:, 2] > exact[:, 0])
+                        & (exact[:, 3] > exact[:, 1]))
+  if live.size == 0:
+    return out
+  # The sample coordinates in float32: the corner rounded to float32, the side a float64
+  # difference rounded to float32.
+  x1, y1 = exact[:, 0].astype(np.float32), exact[:, 1].astype(np.float32)
+  box_w = (exact[:, 2] - exact[:, 0]).astype(np.float32)
+  box_h = (exact[:, 3] - exact[:, 1]).astype(np.float32)
+  padded = np.pad(masks.reshape(n, m_h, m_w), ((0, 0), (1, 1), (1, 1)))
+  rows_needed, cols_needed = r1 - r0, c1 - c0
+  live = live[np.argsort(rows_needed[live] * cols_needed[live], kind='stable')]
+  begin = 0
+  while begin < live.size:
+    # The next group: as many boxes (by increasing extent) as fit the element budget.
+    end = begin + 1
+    h_win, w_win = rows_needed[live[begin]], cols_needed[live[begin]]
+    while end < live.size:
+      h_next = max(h_win, rows_needed[live[end]])
+      w_next = max(w_win, cols_needed[live[end]])
+      if (end + 1 - begin) * h_next * w_next > max_elements:
+        break
+      h_win, w_win, end = h_next, w_next, end + 1
+    idx = live[begin:end]
+    begin = end
+    # Windows of h_win x w_win pixels inside the image, each covering its box's crop.
+    top = np.minimum(r0[idx], height - h_win)
+    left = np.minimum(c0[idx], width - w_win)
+    rows = top[:, None] + np.arange(h_win)                                   # (g, h_win)
+    cols = left[:, None] + np.arange(w_win)                                  # (g, w_win)
+    u = ((cols.astype(np.float32) + np.float32(0.5) - x1[idx, None]) / box_w[idx, None]
+         * np.float32(m_w) - np.float32(0.5))
+    v = ((rows.astype(np.float32) + np.float32(0.5) - y1[idx, None]) / box_h[idx, None]
+         * np.float32(m_h) - np.float32(0.5))
+    x0i, x1i, fx = _taps(u, m_w)
+    y0i, y1i, fy = _taps(v, m_h)
+    g = np.arange(idx.size)[:, None, None]
+    rows_of = padded[idx]                                                    # (g, M+2, M+2)
+    # Along x first, then y: the operations (and so the rounding) of `paste_mask`.
+    along_x = (np.take_along_axis(rows_of, np.broadcast_to(x0i[:, None, :], (
+        idx.size, m_h + 2, w_win)), axis=2) * (1 - fx)[:, None, :]
+               + np.take_along_axis(rows_of, np.broadcast_to(x1i[:, None, :], (
+                   idx.size, m_h + 2, w_win)), axis=2) * fx[:, None, :])  # (g, M+2, w_win)
+    values = (along_x[g, y0i[:, :, None], np.arange(w_win)[None, None, :]]
+              * (1 - fy)[:, :, None]
+              + along_x[g, y1i[:, :, None], np.arange(w_win)[None, None, :]]
+              * fy[:, :, None])                                               # (g, h_win, w_win)
+    inside = (((rows >= r0[idx, None]) & (rows < r1[idx, None]))[:, :, None]
+              & ((cols >= c0[idx, None]) & (cols < c1[idx, None]))[:, None, :])
+    out[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = (
+        (values >= threshold) & inside)
+  return out
+
+
 def paste_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int,
                threshold: float = 0.5) -> np.ndarray:
-  """Returns the (height, width) uint8 mask of an (M, M) RoI mask probability pasted in `box`.
+  """Returns the (height, width) uint8 mask of an (M, M) RoI mask probability pasted in `box`
+  (`paste_masks` for one box)."""
+  return paste_masks(np.asarray(mask)[None], np.asarray(box)[None], height, width,
+                     threshold)[0]
 
-  Detectron2's `paste_masks_in_image` for one box: the pixel centre (x + 0.5) samples the RoI
-  mask at u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5 bilinearly, taps outside the mask reading 0
-  (`grid_sample`, `align_corners=False`, zero padding), then `>= threshold`.
-  """
-  m_h, m_w = mask.shape
-  x1, y1, x2, y2 = (float(v) for v in box)
-  out = np.zeros((height, width), np.uint8)
-  c0, c1 = max(math.floor(x1) - 1, 0), min(math.ceil(x2) + 1, width)
-  r0, r1 = max(math.floor(y1) - 1, 0), min(math.ceil(y2) + 1, height)
-  if c1 <= c0 or r1 <= r0 or x2 <= x1 or y2 <= y1:
-    return out
-  u = ((np.arange(c0, c1, dtype=np.float32) + 0.5 - x1) / (x2 - x1)) * m_w - 0.5
-  v = ((np.arange(r0, r1, dtype=np.float32) + 0.5 - y1) / (y2 - y1)) * m_h - 0.5
-  padded = np.pad(mask.astype(np.float32), 1)  # the zero taps outside the mask
 
-  def taps(coord, size):
-    low = np.floor(coord)
-    frac = (coord - low).astype(np.float32)
-    low = low.astype(np.int64)
-    # Index into the padded mask (offset 1); taps beyond one pixel outside read 0 as well.
-    i0 = np.clip(low + 1, 0, size + 1)
-    i1 = np.clip(low + 2, 0, size + 1)
-    return i0, i1, frac
-
-  x0i, x1i, fx = taps(u, m_w)
-  y0i, y1i, fy = taps(v, m_h)
-  top = padded[y0i][:, x0i] * (1 - fx) + padded[y0i][:, x1i] * fx
-  bottom = padded[y1i][:, x0i] * (1 - fx) + padded[y1i][:, x1i] * fx
-  values = top * (1 - fy)[:, None] + bottom * fy[:, None]
-  out[r0:r1, c0:c1] = values >= threshold
-  return out
+def encode_masks(masks: np.ndarray) -> list[dict]:
+  """Returns the compressed RLEs of (N, H, W) binary masks (`encode_mask` of each, in one
+  pycocotools call)."""
+  if len(masks) == 0:
+    return []
+  rles = mask_util.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
+  for rle in rles:
+    rle['counts'] = rle['counts'].decode('ascii')
+  return rles
 
 
 def detections_to_coco(batch: Mapping[str, np.ndarray], detections: Mapping[str, np.ndarray],
@@ -168,26 +244,34 @@ def detections_to_coco(batch: Mapping[str, np.ndarray], detections: Mapping[str,
     category_ids: the dataset category id of each contiguous id.
   """
   get = lambda d, k: np.asarray(d[k])
+  all_boxes, all_scores = get(detections, 'boxes'), get(detections, 'scores')
+  all_classes, all_valid = get(detections, 'classes'), get(detections, 'valid')
+  all_masks = get(detections, 'masks') if 'masks' in detections else None
+  ids, orig, resized = get(batch, 'image_id'), get(batch, 'orig_size'), get(batch, 'image_size')
+  category_ids = np.asarray(category_ids)
   image_ids, results = [], []
   for i in np.flatnonzero(get(batch, 'valid')):
-    image_id = int(get(batch, 'image_id')[i])
+    image_id = int(ids[i])
     image_ids.append(image_id)
-    h, w = (int(v) for v in get(batch, 'orig_size')[i])
-    rh, rw = (int(v) for v in get(batch, 'image_size')[i])
-    keep = np.flatnonzero(get(detections, 'valid')[i])
-    boxes = get(detections, 'boxes')[i, keep].astype(np.float32)
+    h, w = (int(v) for v in orig[i])
+    rh, rw = (int(v) for v in resized[i])
+    keep = np.flatnonzero(all_valid[i])
+    boxes = all_boxes[i, keep].astype(np.float32)
     boxes = boxes * np.array([w / rw, h / rh, w / rw, h / rh], np.float32)
     boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32))
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    for j, box in zip(keep[nonempty], boxes[nonempty]):
-      x1, y1, x2, y2 = (float(v) for v in box)
-      result = {'image_id': image_id,
-                'category_id': int(category_ids[int(get(detections, 'classes')[i, j])]),
-                'bbox': [x1, y1, x2 - x1, y2 - y1],
-                'score': float(get(detections, 'scores')[i, j])}
-      if 'masks' in detections:
-        pasted = paste_mask(get(detections, 'masks')[i, j], box, h, w, mask_threshold)
-        result['segmentation'] = encode_mask(pasted)
+    keep, boxes = keep[nonempty], boxes[nonempty]
+    x1, y1, x2, y2 = (boxes[:, k].astype(np.float64) for k in range(4))
+    xywh = np.stack([x1, y1, x2 - x1, y2 - y1], axis=1).tolist()
+    categories = category_ids[all_classes[i, keep]].tolist()
+    scores = all_scores[i, keep].astype(np.float64).tolist()
+    rles = (encode_masks(paste_masks(all_masks[i, keep], boxes, h, w, mask_threshold))
+            if all_masks is not None else None)
+    for j in range(len(keep)):
+      result = {'image_id': image_id, 'category_id': categories[j], 'bbox': xywh[j],
+                'score': scores[j]}
+      if rles is not None:
+        result['segmentation'] = rles[j]
       results.append(result)
   return image_ids, results
 

@@ -7,19 +7,23 @@ task's runs are trained and scored (classification: top-1 in %; detection: COCO 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import statistics
+import time
 
 import jax
 import ml_collections
 from absl import logging
 from etils import epath
 
+from reviewkd_jax.train import progress
 from reviewkd_jax.train import tasks
 from reviewkd_jax.train.run_core import RunResult, SetupError, is_stopped
 
 PLOT_FILE = 'accuracy.png'
+COMPILATION_CACHE = 'compilation_cache'
 
 
 def is_suite(config: ml_collections.ConfigDict) -> bool:
@@ -53,21 +57,10 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
     raise SetupError(f'A suite holds runs of one task: {", ".join(others)} are not '
                      f'{task.name} runs like {config.run_order[0]}; make two suites.')
   results = {}
-  for name in config.run_order:
-    run = copy.deepcopy(config.runs[name])
-    for field, value in run.items():
-      if isinstance(value, str) and '{workdir}' in value:
-        run[field] = value.replace('{workdir}', workdir)
-    logging.info('=== %s: %s (method %s) in %s/%s', name, task.network(run), run.method,
-                 workdir, name)
-    results[name] = task.train(run, f'{workdir}/{name}', devices=devices)
-    if is_stopped(results[name]):
-      later = config.run_order[list(config.run_order).index(name) + 1:]
-      logging.warning('The suite stops with %s, which stopped at step %d of %d%s; rerun with '
-                      'the same --workdir to continue.', name, results[name].step,
-                      results[name].total_steps,
-                      f' ({", ".join(later)} not started)' if later else '')
-      return results
+  with _compilation_cache(config, workdir):
+    _train_runs(config, task, workdir, devices, results)
+  if any(is_stopped(r) for r in results.values()):
+    return results  # the suite stopped with that run: no summary
   metric = task.metric
   summary = {'runs': _run_summaries(config, task, results)}
   lines = [task.header.format(dataset=config.runs[config.run_order[0]].dataset)]
@@ -89,6 +82,48 @@ def train_suite(config: ml_collections.ConfigDict, workdir: str, *,
     (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2))
     _plot(task, results, epath.Path(workdir) / PLOT_FILE)
   return results
+
+
+def _train_runs(config, task: tasks.Task, workdir: str, devices, results: dict) -> None:
+  """Trains the runs of `config.run_order` in order into `results`, stopping after a run
+  that stopped before its end."""
+  for name in config.run_order:
+    run = copy.deepcopy(config.runs[name])
+    for field, value in run.items():
+      if isinstance(value, str) and '{workdir}' in value:
+        run[field] = value.replace('{workdir}', workdir)
+    logging.info('=== %s: %s (method %s) in %s/%s', name, task.network(run), run.method,
+                 workdir, name)
+    start = time.monotonic()
+    results[name] = task.train(run, f'{workdir}/{name}', devices=devices)
+    logging.info('=== %s took %s.', name, progress.format_duration(time.monotonic() - start))
+    if is_stopped(results[name]):
+      later = config.run_order[list(config.run_order).index(name) + 1:]
+      logging.warning('The suite stops with %s, which stopped at step %d of %d%s; rerun with '
+                      'the same --workdir to continue.', name, results[name].step,
+                      results[name].total_steps,
+                      f' ({", ".join(later)} not started)' if later else '')
+      return
+
+
+@contextlib.contextmanager
+def _compilation_cache(config: ml_collections.ConfigDict, workdir: str):
+  """With `config.compilation_cache`, keeps the compiled programs in `workdir/compilation_cache`
+  (JAX's persistent cache) while the runs train: the runs of one architecture and settings
+  but another seed compile the same programs (model init, train step, evaluation), and then
+  load them instead of compiling again, as does a rerun. A cache directory the user set
+  (`JAX_COMPILATION_CACHE_DIR`) is kept."""
+  if not config.get('compilation_cache') or jax.config.jax_compilation_cache_dir:
+    yield
+    return
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  compilation_cache.set_cache_dir(str(epath.Path(workdir) / COMPILATION_CACHE))
+  compilation_cache.reset_cache()  # the directory is read when the cache first opens
+  try:
+    yield
+  finally:
+    compilation_cache.set_cache_dir(None)
+    compilation_cache.reset_cache()
 
 
 def _run_summaries(config, task: tasks.Task, results: dict) -> dict[str, dict]:
