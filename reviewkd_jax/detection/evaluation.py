@@ -144,9 +144,11 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
   samples the RoI mask at u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5 bilinearly, taps outside
   the mask reading 0 (`grid_sample`, `align_corners=False`, zero padding), over the box's
   integer hull and one pixel beyond it (0 elsewhere), then `>= threshold`. An empty box
-  (x2 <= x1 or y2 <= y1) pastes nothing. The float32 arithmetic is `paste_mask`'s, operation
-  for operation, so the two agree bit for bit; here the boxes are processed together, in
-  groups of similar extent whose windows hold at most about `max_elements` values.
+  (x2 <= x1 or y2 <= y1) pastes nothing. The float32 arithmetic is the one-box rule's,
+  operation for operation, so pasting box by box gives the same pixels
+  (tests/test_detection_data.py keeps that rule as the reference); here the boxes are
+  processed together, in groups of similar extent whose windows hold at most about
+  `max_elements` values.
   """
   masks = np.asarray(masks, np.float32)
   exact = np.asarray(boxes, np.float64).reshape(-1, 4)   # the box as given decides the crop
@@ -195,7 +197,7 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
     y0i, y1i, fy = _taps(v, m_h)
     g = np.arange(idx.size)[:, None, None]
     rows_of = padded[idx]                                                    # (g, M+2, M+2)
-    # Along x first, then y: the operations (and so the rounding) of `paste_mask`.
+    # Along x first, then y: the operations (and so the rounding) of the one-box rule.
     along_x = (np.take_along_axis(rows_of, np.broadcast_to(x0i[:, None, :], (
         idx.size, m_h + 2, w_win)), axis=2) * (1 - fx)[:, None, :]
                + np.take_along_axis(rows_of, np.broadcast_to(x1i[:, None, :], (
