@@ -36,6 +36,7 @@ which registers itself with `register_method`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -222,14 +223,29 @@ def benchmark_features(features: dict, *, preact: bool = False) -> list:
 
 
 def feature_shapes(model: nn.Module, image_shape: Sequence[int]) -> dict:
-  """Returns the ShapeDtypeStructs of `model`'s features for one image (shape inference)."""
+  """Returns the ShapeDtypeStructs of `model`'s features for one image (shape inference).
 
-  def run():
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
-    return model.apply(variables, x, train=False).features
+  One trace per network: the result is kept for equal modules (Flax modules compare and hash
+  by their fields), so a config's teacher, traced again by every method or ablation that
+  distils from it, is traced once per process. A module with an unhashable field is traced
+  each time.
+  """
+  image_shape = tuple(int(d) for d in image_shape)
+  try:
+    hash(model)
+  except TypeError:
+    return _trace_feature_shapes(model, image_shape)
+  return jax.tree.map(lambda s: s, _cached_feature_shapes(model, image_shape))  # own containers
 
-  return jax.eval_shape(run)
+
+def _trace_feature_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  out, _ = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
+  return out.features
+
+
+_cached_feature_shapes = functools.lru_cache(maxsize=128)(_trace_feature_shapes)
 
 
 def check_stage_pairs(name: str, config, student: dict, teacher: dict, kind: str) -> None:

@@ -248,13 +248,8 @@ class ReviewKDStudent(nn.Module):
 def feature_spec(model: nn.Module, input_shape: Sequence[int], kind: str
                  ) -> tuple[list[int], list[tuple[int, int]]]:
   """Returns (channels, (H, W) sizes) of the review levels of `model` (shape inference only)."""
-
-  def run():
-    x = jnp.zeros(input_shape, jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
-    return review_features(model.apply(variables, x, train=False).features, kind)
-
-  levels = jax.eval_shape(run)
+  features = base.feature_shapes(model, input_shape[1:])
+  levels = jax.eval_shape(lambda f: review_features(f, kind), features)
   return [int(l.shape[-1]) for l in levels], [(int(l.shape[1]), int(l.shape[2])) for l in levels]
 
 
