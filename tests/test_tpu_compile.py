@@ -83,10 +83,13 @@ def test_classification_report_is_the_compilers(classification):
 
 @pytest.mark.slow
 def test_detection_distillation_step_compiles_for_two_hosts():
+  # 64x64 canvases: libtpu compiles the step in about 60% of the time it takes at the demo's
+  # 96x96, and the pyramid still has every level (P6 1x1).
   config = demo_digit_scenes.scenes_run(
       method='reviewkd', reviewkd_weight=1.0, teacher_backbone='resnet18', mask=False,
       rpn_pre_nms_topk=(200, 100), rpn_post_nms_topk=(100, 50), roi_batch_size_per_image=32,
-      fpn_channels=32, box_head_dim=64, batch_size=8)
+      fpn_channels=32, box_head_dim=64, batch_size=8, train_min_sizes=(64,), train_max_size=64,
+      test_min_size=64, test_max_size=64, pad_size=(64, 64))
   r = preflight.run(config, TOPOLOGY)
   assert (r['chips'], r['hosts'], r['per_chip_batch']) == (8, 2, 1)
   assert r['fits'] and 0 < r['memory']['temp_bytes'] < r['hbm_bytes']
