@@ -243,15 +243,33 @@ class RCNN(nn.Module):
                                    proposals.boxes, proposals.valid, image_sizes)
 
   def __call__(self, images: jax.Array, image_sizes: jax.Array) -> roi_heads.Detections:
-    """`predict` (also what `init` runs: it touches every parameter)."""
+    """`predict`."""
     return self.predict(images, image_sizes)
+
+  def touch_every_part(self, images: jax.Array) -> list[jax.Array]:
+    """Runs every part once, on one RoI of zeros for the heads: what `init_variables` runs.
+
+    A part's variables depend only on its path and input channels, so they are those that
+    `init` through `predict` makes, without the proposals' sorting and NMS that XLA would
+    compile only to discard.
+    """
+    c = self.config
+    feats = self.features(images)
+    outputs = [*self.rpn([feats[name] for name in LEVELS])]
+    pooled = jnp.zeros((1, 1, c.roi.box_pool_size, c.roi.box_pool_size, c.fpn_channels),
+                       self.dtype)
+    outputs += [*self.box_predictor(self.box_head(pooled))]
+    if c.mask:
+      pooled = jnp.zeros((1, 1, c.roi.mask_pool_size, c.roi.mask_pool_size, c.fpn_channels),
+                         self.dtype)
+      outputs.append(self.mask_head(pooled))
+    return outputs
 
 
 def init_variables(module: RCNN, key: jax.Array, image_shape=(64, 64)) -> dict:
   """Returns fresh variables of `module` (traced at a small image; shapes do not depend on it)."""
   images = jnp.zeros((1, *image_shape, 3), jnp.float32)
-  sizes = jnp.asarray([image_shape], jnp.int32)
-  return module.init(key, images, sizes)
+  return module.init(key, images, method=RCNN.touch_every_part)
 
 
 def abstract_variables(module: RCNN, image_shape=(64, 64)) -> Any:
