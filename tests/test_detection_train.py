@@ -81,9 +81,13 @@ def test_resume_from_a_checkpoint_is_exact(finished, tmp_path):
 def test_setup_mistakes_are_one_message_and_write_nothing(finished, tmp_path):
   workdir, _ = finished
   before = snapshot(workdir)
+  traced = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: traced.append(event) if event.endswith('trace_duration') else None)
   with pytest.raises(SetupError, match='different run'):
     train_detector(_config(backbone='resnet50'), str(workdir), devices=ONE_DEVICE)
   assert snapshot(workdir) == before
+  assert not traced, 'refused only after tracing (and compiling) the detector'
   with pytest.raises(SetupError, match='does not exist'):
     train_detector(_config(weights=str(tmp_path / 'missing.pkl')), str(tmp_path / 'w'),
                    devices=ONE_DEVICE)

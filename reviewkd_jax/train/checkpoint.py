@@ -207,6 +207,22 @@ class RunCheckpoints:
     """Returns the step of the newest TrainState checkpoint, or None."""
     return self._state.latest_step()
 
+  def check_newest_meta(self, check_meta: Callable[[dict], None]) -> None:
+    """Passes the `meta` of the newest checkpoint whose meta reads to `check_meta`, reading no
+    array: what `restore_newest_usable` checks first, for a caller that refuses another
+    experiment's workdir before it builds (and compiles) anything."""
+    for step in sorted(self._state.all_steps(), reverse=True):
+      try:
+        meta = self._read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue  # restore_newest_usable reports it
+      check_meta(meta)
+      return
+
+  def _read_meta(self, step: int) -> dict:
+    return dict(self._state.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta'])
+
   def restore_newest_usable(self, like_state: Any, check_meta: Callable[[dict], None]
                             ) -> tuple[Any, dict] | None:
     """Returns (TrainState, meta) of the newest checkpoint that reads; None if there is none.
@@ -223,8 +239,7 @@ class RunCheckpoints:
     tried = []
     for step in sorted(self._state.all_steps(), reverse=True):
       try:
-        meta = dict(self._state.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta'])
+        meta = self._read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
         tried.append((step, f'its metadata does not read ({_first_line(e)})'))
         continue

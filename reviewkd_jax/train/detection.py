@@ -343,6 +343,16 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   pipeline = det_data.create_detection_pipeline(
       data_config, process_index=jax.process_index(), process_count=jax.process_count())
   _check_coco_annotations(data_config)
+  run_meta = {**{k: config[k] for k in _RESUME_KEYS},
+              SETTINGS: run_core.trained_settings(config, RESUMABLE_FIELDS)}
+  check_meta = lambda meta: _check_same_run(  # pylint: disable=unnecessary-lambda-assignment
+      meta, run_meta, workdir)
+  # Another experiment's workdir is refused before a network is built or compiled.
+  probe = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    probe.check_newest_meta(check_meta)
+  finally:
+    probe.close()
   module = model_lib.RCNN(detector_config(config, pipeline.num_classes))
   image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
 
@@ -374,13 +384,10 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   state = jax.device_put(state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
-  run_meta = {**{k: config[k] for k in _RESUME_KEYS},
-              SETTINGS: run_core.trained_settings(config, RESUMABLE_FIELDS)}
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   report = None
   try:
-    resumed = ckpts.restore_newest_usable(state, check_meta=lambda meta: _check_same_run(
-        meta, run_meta, workdir))
+    resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
     if resumed is not None:
       state = resumed[0]
     elif config.weights:

@@ -107,13 +107,14 @@ def _set_up(config, workdir: str, devices) -> _Setup:
               'num_classes': spec.num_classes,
               **{k: config[k] for k in parts.method.run_fields},
               SETTINGS: trained_settings(config, RESUMABLE_FIELDS)}
-  # The workdir: another experiment's is refused before any array is read.
+  # The workdir: another experiment's is refused before anything is compiled or read.
+  check_meta = lambda meta: _check_same_run(  # pylint: disable=unnecessary-lambda-assignment
+      meta, run_meta, parts.method.run_fields, workdir)
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
+    ckpts.check_newest_meta(check_meta)
     state = parts.init_state()
-    resumed = ckpts.restore_newest_usable(
-        state, check_meta=lambda meta: _check_same_run(
-            meta, run_meta, parts.method.run_fields, workdir))
+    resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
     # The frozen teacher, then the method's per-run constants (a method that cannot run on
     # this data, CRD without dataset indices, stops here).
     teacher_variables, teacher_source = None, None
