@@ -347,46 +347,42 @@ def _set_up(config, workdir: str, devices) -> _Setup:
               SETTINGS: run_core.trained_settings(config, RESUMABLE_FIELDS)}
   check_meta = lambda meta: _check_same_run(  # pylint: disable=unnecessary-lambda-assignment
       meta, run_meta, workdir)
-  # Another experiment's workdir is refused before a network is built or compiled.
-  probe = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-  try:
-    probe.check_newest_meta(check_meta)
-  finally:
-    probe.close()
-  module = model_lib.RCNN(detector_config(config, pipeline.num_classes))
-  image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
-
-  teacher, teacher_variables, adapter = None, None, None
-  rep = state_lib.replicated(mesh)
-  adapter_vars: dict = {}
-  if method.uses_teacher:
-    teacher = model_lib.RCNN(detector_config(config, pipeline.num_classes, teacher=True))
-    teacher_variables = _load_teacher(config, teacher)
-    teacher_shapes = jax.eval_shape(
-        lambda v: teacher.apply(v, image, method=model_lib.RCNN.features), teacher_variables)
-    student_shapes = jax.eval_shape(
-        lambda k: module.apply(model_lib.init_variables(module, k), image,
-                               method=model_lib.RCNN.features), jax.random.key(0))
-    adapter = method.build_adapter(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
-    if adapter is not None:
-      zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in student_shapes.items()}
-      args, kw = method.adapter_inputs(zeros)
-      adapter_vars = flax.core.unfreeze(jax.jit(lambda k: adapter.init(k, *args, **kw))(
-          jax.random.key(config.seed + 2)))
-    teacher_variables = jax.device_put(teacher_variables, rep)
-
-  variables = flax.core.unfreeze(jax.jit(lambda k: model_lib.init_variables(module, k))(
-      jax.random.key(config.seed)))
-  student_params = variables.pop('params')
-  params = {'student': student_params, 'distill': adapter_vars.pop('params', {})}
-  model_state = {'student': variables, 'distill': adapter_vars}
-  tx, schedule = make_detector_optimizer(config, params)
-  state = jax.device_put(state_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
+  # The workdir: another experiment's is refused before a network is built or compiled.
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   report = None
   try:
+    ckpts.check_newest_meta(check_meta)
+    module = model_lib.RCNN(detector_config(config, pipeline.num_classes))
+    image = jnp.zeros((1, *config.pad_size, 3), jnp.float32)
+
+    teacher, teacher_variables, adapter = None, None, None
+    rep = state_lib.replicated(mesh)
+    adapter_vars: dict = {}
+    if method.uses_teacher:
+      teacher = model_lib.RCNN(detector_config(config, pipeline.num_classes, teacher=True))
+      teacher_variables = _load_teacher(config, teacher)
+      teacher_shapes = jax.eval_shape(
+          lambda v: teacher.apply(v, image, method=model_lib.RCNN.features), teacher_variables)
+      student_shapes = jax.eval_shape(
+          lambda k: module.apply(model_lib.init_variables(module, k), image,
+                                 method=model_lib.RCNN.features), jax.random.key(0))
+      adapter = method.build_adapter(config, {k: v.shape[-1] for k, v in teacher_shapes.items()})
+      if adapter is not None:
+        zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in student_shapes.items()}
+        args, kw = method.adapter_inputs(zeros)
+        adapter_vars = flax.core.unfreeze(jax.jit(lambda k: adapter.init(k, *args, **kw))(
+            jax.random.key(config.seed + 2)))
+      teacher_variables = jax.device_put(teacher_variables, rep)
+
+    variables = flax.core.unfreeze(jax.jit(lambda k: model_lib.init_variables(module, k))(
+        jax.random.key(config.seed)))
+    student_params = variables.pop('params')
+    params = {'student': student_params, 'distill': adapter_vars.pop('params', {})}
+    model_state = {'student': variables, 'distill': adapter_vars}
+    tx, schedule = make_detector_optimizer(config, params)
+    state = jax.device_put(state_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+        opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
     resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
     if resumed is not None:
       state = resumed[0]
