@@ -72,8 +72,6 @@ def test_missing_teacher_or_data_stops_with_what_to_prepare(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
-
-
 def test_a_suite_keeps_its_compiled_programs_in_the_workdir_while_it_trains(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
