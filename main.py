@@ -17,8 +17,8 @@ from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
-import tensorflow as tf
 
+from reviewkd_jax import lazy_imports
 from reviewkd_jax import platform
 from reviewkd_jax.data.image_folder import register_from_config
 from reviewkd_jax.models.registry import set_outputs_from_config
@@ -76,8 +76,8 @@ def main(argv):
     raise app.UsageError('Too many command-line arguments.')
   platform.skip_absent_tpu()  # before JAX's first computation
   logging.get_absl_handler().addFilter(_QuietCheckpointer())
-  # tf.data only: keep TensorFlow off the accelerators JAX uses.
-  tf.config.experimental.set_visible_devices([], 'GPU')
+  # tf.data only: keep TensorFlow, imported when a pipeline is built, off the GPUs JAX uses.
+  lazy_imports.keep_tensorflow_off_gpus()
   if FLAGS.multiprocess == 'yes' or (FLAGS.multiprocess == 'auto' and (
       FLAGS.coordinator_address or _launched_as_several_processes())):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,

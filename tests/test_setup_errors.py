@@ -80,6 +80,18 @@ def test_setup_mistake_is_one_message_and_writes_nothing(kind, tmp_path):
   assert not workdir.exists()
 
 
+def test_a_mistake_is_refused_before_tensorflow_is_imported(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-X', 'importtime', 'main.py', f'--workdir={tmp_path / "run"}', *BASE,
+       '--config.model=Resnet8'], cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      capture_output=True, text=True, timeout=300, check=False)
+  _assert_refused(proc, "Unknown model 'Resnet8'")
+  imported = {line.rsplit('|', 1)[-1].strip() for line in proc.stderr.splitlines()
+              if line.startswith('import time:')}
+  assert 'jax' in imported and 'reviewkd_jax.train' in imported
+  assert not imported & {'tensorflow', 'tensorflow_datasets', 'clu.metric_writers'}
+
+
 def test_teacher_weights_of_another_network(tmp_path, resnet8_pth):
   workdir = tmp_path / 'run'
   proc = _main(workdir, '--config.method=reviewkd', '--config.teacher=resnet20',

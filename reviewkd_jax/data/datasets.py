@@ -13,11 +13,10 @@ import os
 from typing import Any, Callable
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from reviewkd_jax.data import digits
 from reviewkd_jax.data.shares import process_share, tfds_data_dir
+from reviewkd_jax.lazy_imports import tf, tfds
 
 
 class DatasetNotFoundError(FileNotFoundError):

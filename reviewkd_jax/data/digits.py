@@ -17,7 +17,7 @@ SPLIT_SEED = 0
 @functools.cache
 def load_digits_32() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """Returns ((train images, labels), (test images, labels)); images uint8 (N, 32, 32, 3)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.lazy_imports import tf  # pylint: disable=g-import-not-at-top
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
 

@@ -38,9 +38,9 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from reviewkd_jax.data import datasets
+from reviewkd_jax.lazy_imports import tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 AUGMENTATIONS = ('cifar', 'imagenet')

@@ -21,11 +21,11 @@ from typing import Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from reviewkd_jax.data import preprocess
 from reviewkd_jax.data.datasets import DatasetSpec
 from reviewkd_jax.data.shares import derive_seed
+from reviewkd_jax.lazy_imports import tf
 
 Batch = dict[str, np.ndarray]
 

@@ -5,9 +5,9 @@ to the accelerator is a quarter of the float32 bytes. Seeds are shape-(2,) int t
 """
 from __future__ import annotations
 
-import tensorflow as tf
 
 from reviewkd_jax.data.datasets import DatasetSpec
+from reviewkd_jax.lazy_imports import tf
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:

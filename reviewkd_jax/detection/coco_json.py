@@ -28,10 +28,10 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 from pycocotools import mask as mask_util
-import tensorflow as tf
 
 from reviewkd_jax.data import DatasetNotFoundError
 from reviewkd_jax.detection import evaluation
+from reviewkd_jax.lazy_imports import tf
 
 BOX_SLACK = 1.0  # pixels a box may reach past its image (then clipped), for rounded corners
 DECODED_FORMATS = ('JPEG', 'PNG', 'BMP', 'GIF')  # what tf.io.decode_image reads

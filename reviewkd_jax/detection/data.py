@@ -21,12 +21,11 @@ from typing import Iterator, Mapping
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from reviewkd_jax.data import DatasetNotFoundError
 from reviewkd_jax.data.shares import derive_seed, process_share, tfds_data_dir
 from reviewkd_jax.detection import coco_json, evaluation, scenes
+from reviewkd_jax.lazy_imports import tf, tfds
 
 Batch = dict[str, np.ndarray]
 

@@ -8,7 +8,8 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
+
+from reviewkd_jax.lazy_imports import metric_writers
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
+from reviewkd_jax.lazy_imports import metric_writers
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 
 SETTINGS = 'settings'  # the meta key of a checkpoint's config fields

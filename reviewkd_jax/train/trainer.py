@@ -15,9 +15,9 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 
 from reviewkd_jax import data
+from reviewkd_jax.lazy_imports import metric_writers
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
 from reviewkd_jax.train import run_core
@@ -113,15 +113,16 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   ckpts = checkpoint_lib.RunCheckpoints(workdir, keep=config.keep_checkpoints)
   try:
     ckpts.check_newest_meta(check_meta)
-    state = parts.init_state()
-    resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
-    # The frozen teacher, then the method's per-run constants (a method that cannot run on
-    # this data, CRD without dataset indices, stops here).
+    # The frozen teacher (weights that are missing or of another network are refused before
+    # the student is compiled), the student's state, then the method's per-run constants (a
+    # method that cannot run on this data, CRD without dataset indices, stops there).
     teacher_variables, teacher_source = None, None
     if parts.teacher is not None:
       teacher_variables, teacher_source = teacher_lib.load_teacher(
           config.teacher_weights, parts.teacher, name=config.teacher, dataset=config.dataset,
           image_shape=spec.image_shape, mesh=mesh)
+    state = parts.init_state()
+    resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
     constants = parts.method.prepare(config, spec, teacher=parts.teacher,
                                      teacher_variables=teacher_variables,
                                      train_labels=pipeline.source.train_labels)
