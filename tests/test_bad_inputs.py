@@ -197,3 +197,24 @@ def test_half_built_tfds_coco_folder_says_what_to_do(tmp_path):
   message = str(e.value)
   assert message.startswith(f'The tfds coco/2017 folder in {tmp_path} cannot be read (')
   assert 'Move that folder aside' in message and 'tfds build coco/2017' in message
+
+
+def test_workdir_that_cannot_be_made_is_refused_before_any_setup(tmp_path, monkeypatch):
+  from reviewkd_jax.train import run_core  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a_file').write_text('')
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  for workdir, says in ((tmp_path / 'a_file' / 'run' / 'x', f'{tmp_path / "a_file"} is a file'),
+                        (tmp_path / 'a_file', f'{tmp_path / "a_file"} is a file'),
+                        (locked / 'run', f'no permission to write in {locked}')):
+    if 'locked' in str(workdir):  # permission bits do not bind root: ask os.access's answer
+      monkeypatch.setattr(os, 'access', lambda path, mode: str(path) != str(locked))
+    set_up_ran = []
+    with pytest.raises(SetupError, match='give a --workdir you can write to') as e:
+      run_core.start_run(str(workdir), lambda: set_up_ran.append(1), lambda *_: None)
+    assert f'The workdir {workdir} cannot be written ({says}' in str(e.value)
+    assert not set_up_ran and not (tmp_path / 'locked' / 'run').exists()
+  monkeypatch.undo()
+  for workdir in (tmp_path / 'new' / 'deeper', locked, 'gs://bucket/run'):
+    run_core.check_workdir_can_be_made(str(workdir))  # creatable, or found out on creation
+  assert not (tmp_path / 'new').exists()

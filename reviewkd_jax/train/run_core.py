@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import signal
 import threading
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -201,6 +202,26 @@ class SetupError(ValueError):
   to change. Raised before anything in the workdir is written."""
 
 
+def check_workdir_can_be_made(workdir: str) -> None:
+  """Raises SetupError, before any set-up work, if a local `workdir` cannot be created or
+  written: the nearest existing path on the way to it is a file, or a folder without write
+  permission. Reads only. Remote paths (gs://...) and what permissions cannot tell (a full
+  disk, a read-only mount) are found when `run_in_workdir` creates the workdir."""
+  if '://' in workdir:
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    reason = f'{path} is a file, not a folder'
+  elif not os.access(path, os.W_OK | os.X_OK):
+    reason = f'no permission to write in {path}'
+  else:
+    return
+  raise SetupError(f'The workdir {workdir} cannot be written ({reason}): give a --workdir you '
+                   'can write to.')
+
+
 def run_in_workdir(workdir: str, ckpts: checkpoint_lib.RunCheckpoints, body):
   """Returns `body(writer)` run with the workdir created and a metric writer open (TensorBoard
   files from process 0; every process logs its progress lines), closing both afterwards.
@@ -244,6 +265,7 @@ def start_run(workdir: str, set_up: Callable[[], _Setup],
   `SETUP_ERRORS` becomes one SetupError. The setup's `ckpts` (RunCheckpoints) are closed at
   the end.
   """
+  check_workdir_can_be_made(workdir)
   try:
     setup = set_up()
   except SETUP_ERRORS as e:
