@@ -53,9 +53,13 @@ class ImageFolderError(ValueError):
 
 
 def is_folder_name(name: str) -> bool:
-  """Returns True for a dataset name that is a path (not a built-in dataset's name)."""
+  """Returns True for a dataset name that is a path (not a built-in dataset's name).
+
+  A name without a separator can only be a local folder (remote ones are URLs), so it is
+  looked up with `os.path`, not TensorFlow: a misspelt dataset name is told without it.
+  """
   return name not in datasets.DATASETS and bool(name) and (
-      '/' in name or os.sep in name or tf.io.gfile.isdir(name))
+      '/' in name or os.sep in name or os.path.isdir(name))
 
 
 def _join(*parts: str) -> str:
