@@ -120,10 +120,9 @@ def _our_steps(config, spec, torch_student, torch_teacher, images_u8, labels, st
   x = np.zeros((1, *spec.image_shape), np.float32)
   variables = _convert(torch_student, run.model, x)
   teacher_variables = _convert(torch_teacher, run.teacher, x)
-  params = jax.device_put(variables['params'], state_lib.replicated(mesh))
-  state = run.init_state().replace(params=params,
-                                   model_state={'batch_stats': variables['batch_stats']},
-                                   opt_state=run.tx.init(params))
+  state = state_lib.train_state_from(
+      {'params': variables['params'], 'batch_stats': variables['batch_stats']}, run.tx,
+      seed=config.seed, mesh=mesh)
   train_step = run.train_step()
   batch = {'image': images_u8, 'label': labels.astype(np.int32),
            'index': np.full(len(labels), -1, np.int32)}

@@ -230,3 +230,21 @@ def test_suite_groups_comparison_sentence():
   assert sentence == ('b: +3.00 points over a (final top-1, mean over 3 seeds; more than the '
                       'spread over seeds). Teacher resnet20: 97.50%, more data.')
   assert summary['comparison']['spread'] == 1.0
+
+
+def test_a_state_from_given_variables_is_the_initialised_state_with_them():
+  from reviewkd_jax import data  # pylint: disable=g-import-not-at-top
+  from reviewkd_jax.train import setup as setup_lib  # pylint: disable=g-import-not-at-top
+  config = _tiny(method='reviewkd', teacher='resnet14', seed=3)
+  mesh = state_lib.make_mesh(jax.devices())
+  run = setup_lib.build_run(config, data.get_spec('cifar100'), mesh=mesh, steps_per_epoch=4)
+  state = run.init_state()
+  given = state_lib.train_state_from({'params': state.params, **state.model_state}, run.tx,
+                                     seed=config.seed, mesh=mesh)
+  assert jax.tree.structure(given) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, given, state)
+  assert all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == mesh.size
+             for x in jax.tree.leaves(given))
+  other_seed = state_lib.train_state_from({'params': state.params, **state.model_state},
+                                          run.tx, seed=4, mesh=mesh)
+  assert not np.array_equal(other_seed.rng, state.rng)

@@ -84,12 +84,27 @@ def create_train_state(module: nn.Module, tx: optax.GradientTransformation, *, s
   """Returns a fresh TrainState, initialised under jit directly into replicated arrays."""
 
   def init():
-    init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+    init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
     variables = module.init({'params': init_key, 'dropout': init_key},
                             jnp.zeros((1, *input_shape), jnp.float32), train=False)
-    variables = flax.core.unfreeze(variables)
-    params = variables.pop('params')
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=tx.init(params), rng=state_key)
+    return _state_at_step_0(variables, tx, seed)
 
   return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+def train_state_from(variables: Any, tx: optax.GradientTransformation, *, seed: int,
+                     mesh: Mesh) -> TrainState:
+  """Returns the TrainState `create_train_state` makes, replicated over `mesh`, holding the
+  given `variables` ({'params': ..., other collections}, e.g. converted from PyTorch) instead
+  of an initialiser's: step 0, a fresh optimizer state, the same `rng` for `seed`. Nothing
+  of the module is traced or compiled."""
+  return jax.jit(lambda v: _state_at_step_0(v, tx, seed),
+                 out_shardings=replicated(mesh))(variables)
+
+
+def _state_at_step_0(variables: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  _, state_key = jax.random.split(jax.random.PRNGKey(seed))
+  variables = dict(flax.core.unfreeze(variables))
+  params = variables.pop('params')
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                    opt_state=tx.init(params), rng=state_key)
