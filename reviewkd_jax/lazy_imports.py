@@ -1,8 +1,7 @@
 """TensorFlow, tfds and clu's metric writers, imported where they are first used.
 
 TensorFlow serves the input pipelines (`tf.data`) and the event files only, and importing it
-takes seconds (about half of what `main.py` spends before it can refuse a setup mistake).
-The modules that need it refer to it through the stand-ins below, so a run that stops at a
+takes seconds (docs/performance.md). The modules that need it refer to it through the stand-ins below, so a run that stops at a
 mistake in its config, data path or workdir says so without importing it, and a library user
 who never builds a pipeline never pays for it.
 
