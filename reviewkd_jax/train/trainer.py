@@ -89,23 +89,24 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   reading the workdir but writing nothing."""
   mesh = state_lib.make_mesh(devices)
   method = setup_lib.check_config(config, mesh)
+  # The frozen teacher first: weights that are missing, unreadable or of another network are
+  # refused before the input pipeline is built and before anything is compiled.
+  teacher_variables, teacher_source = None, None
+  if method.uses_teacher and config.teacher_weights:
+    dataset_spec = data.get_spec(config.dataset)
+    _, teacher = method.build(config, dataset_spec, setup_lib.DTYPES[config.dtype])
+    teacher_variables, teacher_source = teacher_lib.load_teacher(
+        config.teacher_weights, teacher, name=config.teacher, dataset=config.dataset,
+        image_shape=dataset_spec.image_shape, mesh=mesh)
+  # Data that is not there is said before a teacher that is not set (a new user's first run).
+  pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   if method.uses_teacher and not config.teacher_weights:
     raise ValueError(
         f'config.method={config.method!r} distils from a teacher: set '
         '--config.teacher_weights=PATH, a .pt/.pth state_dict (torchvision\'s weights for '
         'ImageNet teachers) or the workdir of a baseline run of this trainer (e.g. of '
         'configs/cifar100_baseline.py:model=resnet56).')
-  # The frozen teacher first: weights that are missing, unreadable or of another network are
-  # refused before the input pipeline is built and before anything is compiled.
-  teacher_variables, teacher_source = None, None
-  if method.uses_teacher:
-    dataset_spec = data.get_spec(config.dataset)
-    _, teacher = method.build(config, dataset_spec, setup_lib.DTYPES[config.dtype])
-    teacher_variables, teacher_source = teacher_lib.load_teacher(
-        config.teacher_weights, teacher, name=config.teacher, dataset=config.dataset,
-        image_shape=dataset_spec.image_shape, mesh=mesh)
-  pipeline = data.create_input_pipeline(config, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
   # This run's training-set size (train_subset, mock data), e.g. for CRD's memory bank.
   spec = dataclasses.replace(data.get_spec(config.dataset), num_train=pipeline.num_train)
   parts = setup_lib.build_run(config, spec, mesh=mesh, steps_per_epoch=pipeline.steps_per_epoch)
