@@ -5,7 +5,7 @@ No COCO offline, so the scenes are composed from scikit-learn's 8x8 digits
 canvas, their boxes and ink masks as ground truth, 1024 training and 256 held-out scenes
 built from disjoint digit images. A Mask R-CNN R18-FPN teacher is trained briefly (300 steps
 of 8) on all 1024 training scenes; then, for each seed, the same architecture as a student
-trained alone for 150 steps on 128 of those scenes, and the student distilled from the
+trained alone for 120 steps on 128 of those scenes, and the student distilled from the
 teacher with ReviewKD over P2-P6 on the same 128 (as the classification demo: a teacher that
 has seen more data). The summary compares the students' COCO box AP on 128 held-out scenes
 (mask AP beside it).
@@ -66,7 +66,7 @@ def scenes_run(**fields) -> ml_collections.ConfigDict:
 SEEDS = (0, 1)
 
 
-STUDENT = dict(max_steps=150, lr_steps=(120,), warmup_steps=30, checkpoint_every_steps=150)
+STUDENT = dict(max_steps=120, lr_steps=(96,), warmup_steps=30, checkpoint_every_steps=120)
 
 
 def get_config() -> ml_collections.ConfigDict:

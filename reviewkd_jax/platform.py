@@ -3,7 +3,8 @@
 `step_compiler_options(devices)` returns the options that `train.step.make_classifier_train_step`
 compiles its program with when every device of the run is a CPU (per program, through
 `jax.jit(..., compiler_options=...)`: nothing process-wide changes, and GPU/TPU programs
-get none). `CPU_STEP_OPTIONS` says what each option does and what it was measured at.
+get none). `CPU_STEP_OPTIONS` says what each option does and what it was measured at;
+`init_compiler_options()` is the detectors' parameter initialisation's (`CPU_INIT_OPTIONS`).
 `skip_absent_tpu()` keeps an installed libtpu (the TPU compiler the pre-flight needs) from
 probing for TPU chips on a machine that has none.
 """
@@ -65,6 +66,20 @@ def step_compiler_options(devices) -> dict[str, str] | None:
     return None
   options = {k: v for k, v in CPU_STEP_OPTIONS.items() if _accepted(k, v)}
   return options or None
+
+
+# Per-program XLA:CPU option of a detector's parameter initialisation (`init_compiler_options`):
+# LLVM's optimisation level 1 instead of the default. The program is mostly random-number
+# generation and runs once per run; at level 1 it compiles in less than half the time, and the
+# variables came out bit-identical to the default level's (docs/performance.md, "Detection
+# set-up").
+CPU_INIT_OPTIONS: dict[str, int] = {'xla_backend_optimization_level': 1}
+
+
+def init_compiler_options() -> dict[str, int] | None:
+  """Returns `CPU_INIT_OPTIONS` on the CPU backend, else None (XLA's defaults)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return dict(CPU_INIT_OPTIONS) if jax.default_backend() == 'cpu' else None
 
 
 _GOOGLE_PCI_VENDOR = '0x1ae0'

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from reviewkd_jax import data as data_lib
+from reviewkd_jax import platform
 from reviewkd_jax.detection import backbone as backbone_lib
 from reviewkd_jax.detection import data as det_data
 from reviewkd_jax.detection import distill as det_distill  # noqa: F401  (read as detection.det_distill)
@@ -370,19 +371,22 @@ def _set_up(config, workdir: str, devices) -> _Setup:
       if adapter is not None:
         zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in student_shapes.items()}
         args, kw = method.adapter_inputs(zeros)
-        adapter_vars = flax.core.unfreeze(jax.jit(lambda k: adapter.init(k, *args, **kw))(
-            jax.random.key(config.seed + 2)))
+        adapter_vars = flax.core.unfreeze(jax.jit(
+            lambda k: adapter.init(k, *args, **kw),
+            compiler_options=platform.init_compiler_options())(jax.random.key(config.seed + 2)))
       teacher_variables = jax.device_put(teacher_variables, rep)
 
-    variables = flax.core.unfreeze(jax.jit(lambda k: model_lib.init_variables(module, k))(
-        jax.random.key(config.seed)))
+    variables = flax.core.unfreeze(jax.jit(
+        lambda k: model_lib.init_variables(module, k),
+        compiler_options=platform.init_compiler_options())(jax.random.key(config.seed)))
     student_params = variables.pop('params')
     params = {'student': student_params, 'distill': adapter_vars.pop('params', {})}
     model_state = {'student': variables, 'distill': adapter_vars}
     tx, schedule = make_detector_optimizer(config, params)
     state = jax.device_put(state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-        opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
+        opt_state=jax.jit(tx.init)(params),   # one program, not an eager op per shape
+        rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
     resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
     if resumed is not None:
       state = resumed[0]
@@ -394,7 +398,7 @@ def _set_up(config, workdir: str, devices) -> _Setup:
       params = {'student': new.pop('params'), 'distill': params['distill']}
       state = jax.device_put(state.replace(
           params=params, model_state={**model_state, 'student': new},
-          opt_state=tx.init(params)), rep)
+          opt_state=jax.jit(tx.init)(params)), rep)
       report = str(loaded.report)
   except BaseException:
     ckpts.close()
