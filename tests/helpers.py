@@ -12,6 +12,13 @@ NUM_MOCK_EXAMPLES = 56
 ONE_DEVICE = jax.devices()[:1]
 
 
+def xdist_share_of_cores() -> int:
+  """Returns this process's share of the machine's cores under pytest-xdist (all of them
+  outside it): each worker's fair number of compute threads."""
+  workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+  return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
 def xla_flags(devices: int) -> str:
   """Returns this run's XLA_FLAGS (tests/conftest.py) with `devices` simulated CPU devices, for
   a subprocess that needs another device count."""

@@ -20,6 +20,7 @@ from reviewkd_jax.testing import torch_reviewkd
 from reviewkd_jax.train import setup as setup_lib
 from reviewkd_jax.train import state as state_lib
 from tests import torch_utils
+from tests.helpers import xdist_share_of_cores
 from tests.torch_utils import torch, torchvision
 
 F = torch.nn.functional
@@ -31,6 +32,18 @@ def _images(rng, n, size):
 
 def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _torch_threads_of_this_worker():
+  """PyTorch's reference loops run on this worker's share of the cores: with one thread per
+  core in each of as many workers as cores, its threads wait on cores the other worker holds
+  (docs/performance.md, "Test suite"). The checks below are relative to PyTorch's own float32
+  error, whatever its thread count."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(min(before, xdist_share_of_cores()))
+  yield
+  torch.set_num_threads(before)
 
 
 def _authors_model(name):
@@ -96,15 +109,18 @@ def _authors_reviewkd(student_name, teacher, mid_channels, size):
 def _authors_loop(model, teacher, images, labels, *, lr, weight_decay, lam, steps):
   """Runs the authors' ImageNet `train()` body for `steps` steps on one batch (apex O0 is
   plain float32): student in train mode, teacher in eval mode under no_grad, CE + lam * HCL,
-  SGD momentum 0.9 without Nesterov. Returns the per-step losses and the final model."""
+  SGD momentum 0.9 without Nesterov. Returns the per-step losses and the final model.
+
+  The frozen teacher sees the same batch at every step here, so its features are computed
+  once: the authors' per-step forward would return the same tensors."""
   model.train()
   teacher.eval()
   optimizer = torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=weight_decay)
+  with torch.no_grad():
+    fteacher, _ = teacher(images)
   losses = []
   for _ in range(steps):
     fstudent, output = model(images)
-    with torch.no_grad():
-      fteacher, _ = teacher(images)
     loss = F.cross_entropy(output, labels) + torch_reviewkd.hcl(fstudent, fteacher) * lam
     optimizer.zero_grad()
     loss.backward()
