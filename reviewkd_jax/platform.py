@@ -4,7 +4,7 @@
 compiles its program with when every device of the run is a CPU (per program, through
 `jax.jit(..., compiler_options=...)`: nothing process-wide changes, and GPU/TPU programs
 get none). `CPU_STEP_OPTIONS` says what each option does and what it was measured at;
-`init_compiler_options()` is the detectors' parameter initialisation's (`CPU_INIT_OPTIONS`).
+`init_compiler_options(devices)` is the detectors' parameter initialisation's (`CPU_INIT_OPTIONS`).
 `skip_absent_tpu()` keeps an installed libtpu (the TPU compiler the pre-flight needs) from
 probing for TPU chips on a machine that has none.
 """
@@ -58,11 +58,15 @@ def _accepted(name: str, value: str) -> bool:
     return False
 
 
+def _all_cpus(devices) -> bool:
+  devices = list(devices)
+  return bool(devices) and all(d.platform == 'cpu' for d in devices)
+
+
 def step_compiler_options(devices) -> dict[str, str] | None:
   """Returns `CPU_STEP_OPTIONS` (those this jaxlib accepts) if all `devices` are CPUs,
   else None (GPU and TPU programs compile with XLA's defaults)."""
-  devices = list(devices)
-  if not devices or any(d.platform != 'cpu' for d in devices):
+  if not _all_cpus(devices):
     return None
   options = {k: v for k, v in CPU_STEP_OPTIONS.items() if _accepted(k, v)}
   return options or None
@@ -76,10 +80,9 @@ def step_compiler_options(devices) -> dict[str, str] | None:
 CPU_INIT_OPTIONS: dict[str, int] = {'xla_backend_optimization_level': 1}
 
 
-def init_compiler_options() -> dict[str, int] | None:
-  """Returns `CPU_INIT_OPTIONS` on the CPU backend, else None (XLA's defaults)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return dict(CPU_INIT_OPTIONS) if jax.default_backend() == 'cpu' else None
+def init_compiler_options(devices) -> dict[str, int] | None:
+  """Returns `CPU_INIT_OPTIONS` if all `devices` are CPUs, else None (XLA's defaults)."""
+  return dict(CPU_INIT_OPTIONS) if _all_cpus(devices) else None
 
 
 _GOOGLE_PCI_VENDOR = '0x1ae0'

@@ -19,6 +19,8 @@ def test_options_only_for_cpu_devices():
   assert platform.step_compiler_options([gpu]) is None
   assert platform.step_compiler_options([*jax.devices(), gpu]) is None
   assert platform.step_compiler_options([]) is None
+  assert platform.init_compiler_options(jax.devices()) == platform.CPU_INIT_OPTIONS
+  assert platform.init_compiler_options([*jax.devices(), gpu]) is None
 
 
 def test_an_option_this_jaxlib_refuses_is_left_out(monkeypatch):

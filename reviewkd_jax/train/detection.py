@@ -324,6 +324,7 @@ def _set_up(config, workdir: str, devices) -> _Setup:
   _check_values(config)
   config = resolve_input_conventions(config)
   mesh = state_lib.make_mesh(devices)
+  init_options = platform.init_compiler_options(mesh.devices.flat)
   run_core.check_batch_divides(config, mesh.size)
   method = methods_lib.get_detection_method(config.method)
   method.check_config(config)
@@ -372,20 +373,21 @@ def _set_up(config, workdir: str, devices) -> _Setup:
         zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in student_shapes.items()}
         args, kw = method.adapter_inputs(zeros)
         adapter_vars = flax.core.unfreeze(jax.jit(
-            lambda k: adapter.init(k, *args, **kw),
-            compiler_options=platform.init_compiler_options())(jax.random.key(config.seed + 2)))
+            lambda k: adapter.init(k, *args, **kw), compiler_options=init_options)(
+                jax.random.key(config.seed + 2)))
       teacher_variables = jax.device_put(teacher_variables, rep)
 
     variables = flax.core.unfreeze(jax.jit(
-        lambda k: model_lib.init_variables(module, k),
-        compiler_options=platform.init_compiler_options())(jax.random.key(config.seed)))
+        lambda k: model_lib.init_variables(module, k), compiler_options=init_options)(
+            jax.random.key(config.seed)))
     student_params = variables.pop('params')
     params = {'student': student_params, 'distill': adapter_vars.pop('params', {})}
     model_state = {'student': variables, 'distill': adapter_vars}
     tx, schedule = make_detector_optimizer(config, params)
+    init_opt_state = jax.jit(tx.init)   # one program, not an eager op per parameter shape
     state = jax.device_put(state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-        opt_state=jax.jit(tx.init)(params),   # one program, not an eager op per shape
+        opt_state=init_opt_state(params),
         rng=jax.random.key_data(jax.random.key(config.seed + 1))), rep)
     resumed = ckpts.restore_newest_usable(state, check_meta=check_meta)
     if resumed is not None:
@@ -398,7 +400,7 @@ def _set_up(config, workdir: str, devices) -> _Setup:
       params = {'student': new.pop('params'), 'distill': params['distill']}
       state = jax.device_put(state.replace(
           params=params, model_state={**model_state, 'student': new},
-          opt_state=jax.jit(tx.init)(params)), rep)
+          opt_state=init_opt_state(params)), rep)
       report = str(loaded.report)
   except BaseException:
     ckpts.close()

@@ -6,7 +6,7 @@ The programs: the ReviewKD classification train step of the tests' tiny config (
 student, resnet20 teacher, batch 16) and the Faster R-CNN R18-FPN train step of
 tests/test_detection_train.py (128x128, batch 2), on one CPU device.
 
-  python benchmarks/test_codegen_compile.py [--rounds=3]
+  python benchmarks/fusion_codegen_compile.py [--rounds=3]
 """
 from __future__ import annotations
 
