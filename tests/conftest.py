@@ -17,13 +17,14 @@ import tempfile
 os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
-# LLVM's optimisation of the generated CPU code is much of a small program's compile time
-# and buys nothing a test checks: tests compile at backend level 1, not the default (XLA's
-# graph passes and fusion run as at any level). Level 0 compiles faster still but rounds
-# differently enough that two parity tests fail (the authors' checkpoint's fused features at
-# 2.06x PyTorch's float32 error, the 1-vs-8-device parameters beyond 1e-3): not used.
+# LLVM's optimisation of the generated CPU code is most of a program's compile time and buys
+# nothing a test checks: tests compile at backend level 0, not the default (XLA's graph passes
+# and fusion run as at any level; convolutions and matmuls run in the same libraries). The two
+# files whose checks depend on how LLVM rounds compile their programs at level 1 themselves:
+# test_train.py (its 8-device run within 1e-3 of the 1-device one) and the train-mode pass of
+# test_models_cifar_shufflenet_mobilenetv2.py (features equal to the bit across two outputs).
 if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
-  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=1'
+  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 # XLA:CPU's older loop-fusion code generator (elemental IR) instead of its MLIR fusion
 # emitters: compiles faster (docs/performance.md, "Test suite"), and every float comparison
 # of the suite holds with either generator.

@@ -40,13 +40,12 @@ def _train_step(name: str):
   """Returns (initial variables, train-mode (logits, features), updated batch_stats)."""
   model = create_model(name)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 32, 32, 3)), jnp.float32)
-  # The initialisers compile at LLVM level 0: what is checked of them is their
-  # distributions, not their last bits, and they compile in about half the time.
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init.lower(jax.random.key(0), x).compile(
-      {'xla_backend_optimization_level': 0})(jax.random.key(0), x)
-  out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
-      variables, x)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  # At LLVM level 1, not the suite's 0 (tests/conftest.py): test_feature_conventions checks
+  # outputs equal to the bit that level 0 computes in two ways (ShuffleV2's stages).
+  train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
+                  compiler_options={'xla_backend_optimization_level': 1})
+  out, updates = train(variables, x)
   return variables, out, updates['batch_stats']
 
 

@@ -16,6 +16,7 @@ import torch
 
 from reviewkd_jax import convert
 from reviewkd_jax import distill
+from reviewkd_jax import platform
 from reviewkd_jax.models import create_model
 from reviewkd_jax.train import checkpoint as checkpoint_lib
 from reviewkd_jax.train import progress
@@ -36,6 +37,16 @@ def _reviewkd(teacher_workdir, **fields):
   return _tiny(method='reviewkd', teacher='resnet8', teacher_weights=str(teacher_workdir),
                teacher_bn_mode='batch_stats', reviewkd_weight=2.0, reviewkd_warmup_epochs=1,
                kd_weight=0.5, **fields)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _train_steps_at_llvm_level_1():
+  """This file's train steps compile at LLVM level 1, not at the suite's level 0
+  (tests/conftest.py): its 8-device run is held to 1e-3 of the 1-device one, which the
+  random net's parameters keep at level 1 and drift past (by ~3e-4 absolute) at level 0."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(platform.CPU_STEP_OPTIONS, 'xla_backend_optimization_level', 1)
+    yield
 
 
 @pytest.fixture(scope='module')
