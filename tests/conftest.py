@@ -63,15 +63,17 @@ def pytest_unconfigure(config):  # pylint: disable=unused-argument
 # The files that take longest (measured wall time, `--durations`), run first: with -n N the
 # last files to start are short ones, so no worker idles while another finishes a long file.
 _LONGEST_FIRST = (
-    'test_detection_train.py', 'test_imagenet_reviewkd.py', 'test_multiprocess.py',
-    'test_comparison_methods.py', 'test_tpu_compile.py', 'test_detection_roi_heads.py',
-    'test_train.py', 'test_coco_json.py', 'test_setup_errors.py', 'test_detection_model.py',
-    'test_imported_models.py', 'test_benchmark.py',
-    'test_models_cifar_shufflenet_mobilenetv2.py', 'test_models_imagenet.py',
-    'test_detection_distill.py', 'test_models_cifar_resnet_wrn_vgg.py', 'test_detection_rpn.py',
-    'test_configs.py', 'test_image_folder.py', 'test_ablations.py',
-    'test_checkpoint_recovery.py', 'test_train_cli.py', 'test_detection_backbone.py',
-    'test_custom_models.py', 'test_detection_weights.py', 'test_detection_data.py')
+    'test_multiprocess.py', 'test_detection_train.py', 'test_tpu_compile.py',
+    'test_imagenet_reviewkd.py', 'test_setup_errors.py', 'test_comparison_methods.py',
+    'test_train.py', 'test_detection_roi_heads.py', 'test_detection_model.py', 'test_coco_json.py',
+    'test_benchmark.py', 'test_models_cifar_resnet_wrn_vgg.py', 'test_imported_models.py',
+    'test_checkpoint_recovery.py', 'test_models_cifar_shufflenet_mobilenetv2.py',
+    'test_models_imagenet.py', 'test_image_folder.py', 'test_detection_distill.py',
+    'test_detection_weights.py', 'test_detection_rpn.py', 'test_detection_backbone.py',
+    'test_configs.py', 'test_ablations.py', 'test_custom_models.py', 'test_reviewkd.py',
+    'test_detection_data.py', 'test_train_cli.py', 'test_losses.py', 'test_detection_padding.py',
+    'test_platform.py', 'test_registry.py', 'test_readme.py', 'test_convert.py',
+    'test_methods_modules.py', 'test_methods_losses.py', 'test_data.py', 'test_bad_inputs.py')
 
 
 def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
