@@ -1,12 +1,12 @@
-"""Compile time of two programs the tests build, with XLA:CPU's fusion emitters (its default)
-and with its older loop-fusion code generator (what tests/conftest.py picks), in alternating
-rounds, both at the tests' LLVM optimisation level 1.
+"""Compile time of two programs the tests build under three XLA:CPU settings, in alternating
+rounds: its fusion emitters (its default) at LLVM optimisation level 1, its older loop-fusion
+code generator at level 1, and the older generator at level 0 (what tests/conftest.py picks).
 
 The programs: the ReviewKD classification train step of the tests' tiny config (resnet8
 student, resnet20 teacher, batch 16) and the Faster R-CNN R18-FPN train step of
 tests/test_detection_train.py (128x128, batch 2), on one CPU device.
 
-  python benchmarks/fusion_codegen_compile.py [--rounds=3]
+  python benchmarks/cpu_compile_settings.py [--rounds=3]
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _compile_once(generator_flag: bool) -> dict[str, float]:
-  """In this process: compiles each program once with the given generator, returns seconds."""
+def _compile_once(options: dict) -> dict[str, float]:
+  """In this process: compiles each program once with the given options, returns seconds."""
   import jax  # pylint: disable=g-import-not-at-top
   from reviewkd_jax import platform  # pylint: disable=g-import-not-at-top
   from reviewkd_jax import preflight  # pylint: disable=g-import-not-at-top
@@ -42,8 +42,7 @@ def _compile_once(generator_flag: bool) -> dict[str, float]:
     step, args = build(config, mesh)
     lowered = step.trace(*args).lower()
     start = time.perf_counter()
-    lowered.compile({'xla_backend_optimization_level': 1,
-                     'xla_cpu_use_fusion_emitters': generator_flag})
+    lowered.compile(options)
     out[name] = time.perf_counter() - start
   return out
 
@@ -51,25 +50,31 @@ def _compile_once(generator_flag: bool) -> dict[str, float]:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--one', choices=('True', 'False'), help=argparse.SUPPRESS)
+  parser.add_argument('--one', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one is not None:
-    print(json.dumps(_compile_once(args.one == 'True')))
+    print(json.dumps(_compile_once(json.loads(args.one))))
     return
   # A fresh process per compile: nothing is reused from an earlier compile.
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  generators = {'fusion emitters (XLA default)': 'True', 'older generator (tests)': 'False'}
+  generators = {
+      'fusion emitters, level 1': {'xla_backend_optimization_level': 1,
+                                   'xla_cpu_use_fusion_emitters': True},
+      'older generator, level 1': {'xla_backend_optimization_level': 1,
+                                   'xla_cpu_use_fusion_emitters': False},
+      'older generator, level 0 (tests)': {'xla_backend_optimization_level': 0,
+                                           'xla_cpu_use_fusion_emitters': False}}
   times = {}
   for r in range(args.rounds):
     order = list(generators.items()) if r % 2 == 0 else list(reversed(generators.items()))
-    for gen, flag in order:
-      proc = subprocess.run([sys.executable, __file__, f'--one={flag}'], env=env, check=True,
-                            capture_output=True, text=True)
+    for gen, options in order:
+      proc = subprocess.run([sys.executable, __file__, f'--one={json.dumps(options)}'], env=env,
+                            check=True, capture_output=True, text=True)
       for name, seconds in json.loads(proc.stdout.strip().splitlines()[-1]).items():
         times.setdefault(name, {}).setdefault(gen, []).append(seconds)
   print(f'1-minute load average at the end: {os.getloadavg()[0]:.2f}; {args.rounds} rounds '
-        'alternating the generators, median compile seconds')
+        'alternating the settings, median compile seconds')
   print('| program | ' + ' | '.join(generators) + ' |')
   print('|---|' + '---|' * len(generators))
   for name, by_gen in times.items():
