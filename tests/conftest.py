@@ -20,7 +20,8 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
 # LLVM's optimisation of the generated CPU code is most of a program's compile time and buys
 # nothing a test checks: tests compile at backend level 0, not the default (XLA's graph passes
 # and fusion run as at any level; convolutions and matmuls run in the same libraries). The two
-# files whose checks depend on how LLVM rounds compile their programs at level 1 themselves:
+# files whose checks depend on how LLVM rounds compile their programs at level 1 themselves
+# (`tests.helpers.LLVM_LEVEL_1`):
 # test_train.py (its 8-device run within 1e-3 of the 1-device one) and the train-mode pass of
 # test_models_cifar_shufflenet_mobilenetv2.py (features equal to the bit across two outputs).
 if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:

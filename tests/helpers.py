@@ -10,6 +10,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every mock split (tfds.testing.mock_data): 3 training steps of 16, 4 eval batches (8 padded).
 NUM_MOCK_EXAMPLES = 56
 ONE_DEVICE = jax.devices()[:1]
+# Per-program compiler option for the few checks that depend on how LLVM rounds: the suite
+# compiles at level 0 (tests/conftest.py), these programs at level 1.
+LLVM_LEVEL_1 = {'xla_backend_optimization_level': 1}
 
 
 def xdist_share_of_cores() -> int:

@@ -14,6 +14,7 @@ from reviewkd_jax.testing.torch_cifar_shufflenet_mobilenetv2 import shuffle as t
 from reviewkd_jax import convert
 from reviewkd_jax.models import create_model, list_models
 from reviewkd_jax.models.shufflenetv1 import channel_shuffle
+from tests.helpers import LLVM_LEVEL_1
 
 COVERED_MODELS = ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']
 
@@ -44,7 +45,7 @@ def _train_step(name: str):
   # At LLVM level 1, not the suite's 0 (tests/conftest.py): test_feature_conventions checks
   # outputs equal to the bit that level 0 computes in two ways (ShuffleV2's stages).
   train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
-                  compiler_options={'xla_backend_optimization_level': 1})
+                  compiler_options=LLVM_LEVEL_1)
   out, updates = train(variables, x)
   return variables, out, updates['batch_stats']
 

@@ -24,7 +24,7 @@ from reviewkd_jax.train import state as state_lib
 from reviewkd_jax.train import teacher as teacher_lib
 from reviewkd_jax.train import train_and_evaluate, train_suite
 from tests.helpers import NUM_MOCK_EXAMPLES as NUM_EXAMPLES
-from tests.helpers import ONE_DEVICE
+from tests.helpers import LLVM_LEVEL_1, ONE_DEVICE
 from tests.helpers import tiny_config as _tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('mock_cifar100')]
@@ -45,7 +45,8 @@ def _train_steps_at_llvm_level_1():
   (tests/conftest.py): its 8-device run is held to 1e-3 of the 1-device one, which the
   random net's parameters keep at level 1 and drift past (by ~3e-4 absolute) at level 0."""
   with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(platform.CPU_STEP_OPTIONS, 'xla_backend_optimization_level', 1)
+    for name, value in LLVM_LEVEL_1.items():
+      mp.setitem(platform.CPU_STEP_OPTIONS, name, value)
     yield
 
 
